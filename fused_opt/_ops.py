@@ -1,0 +1,133 @@
+"""The op layer: schemas, fake kernels, the pure-PyTorch kernels and the compiled libraries.
+
+Every optimizer step goes through two custom ops, ``fused_opt::sgd_`` and ``fused_opt::adam_``,
+shaped like aten's ``_fused_sgd_`` / ``_fused_adamw_``. Their schemas live here, in Python, so the
+ops exist on every install. The pure-PyTorch kernels (``_torch_kernels``) are registered as the
+default implementation for every device; the compiled libraries, when they load, override the
+CPU and CUDA keys with the C++ and CUDA kernels. ``torch.compile`` sees each op as one opaque
+node thanks to the fake kernels below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _torch_kernels
+
+__all__ = ["BUILD_INFO", "COMPILED", "LOAD_ERRORS", "FallbackWarning", "native_module"]
+
+_LIB = torch.library.Library("fused_opt", "DEF")
+
+# Mutable lists are marked (x!); grads are read only (unscaled in registers, never written).
+# `steps` is mutated: the kernel adds 1 to every step count unless found_inf is set.
+_SGD_ARGS = (
+    "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float weight_decay, "
+    "float momentum, {lr} lr, float dampening, bool nesterov, bool maximize, bool is_first_step, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None"
+)
+_ADAM_ARGS = (
+    "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, {lr} lr, float beta1, float beta2, "
+    "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None"
+)
+
+_OPS = {"sgd_": (_SGD_ARGS, _torch_kernels.sgd_), "adam_": (_ADAM_ARGS, _torch_kernels.adam_)}
+
+for _name, (_args, _kernel) in _OPS.items():
+    for _overload, _lr_type in (("", "float"), (".tensor_lr", "Tensor")):
+        _LIB.define(f"{_name}{_overload}({_args.format(lr=_lr_type)}) -> ()")
+        _qualname = f"fused_opt::{_name}{_overload}"
+        # The pure-PyTorch kernel serves every device that has no compiled kernel.
+        _LIB.impl(f"{_name}{_overload}", _kernel, "CompositeExplicitAutograd")
+        # In-place ops with no outputs: the fake kernel has nothing to compute.
+        torch.library.register_fake(_qualname, lambda *args, **kwargs: None, lib=_LIB)
+
+
+class FallbackWarning(UserWarning):
+    """The compiled kernels could not be loaded; the pure-PyTorch backend runs instead."""
+
+
+def _read_build_info() -> dict[str, Any]:
+    path = Path(__file__).with_name("_build_info.json")
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+BUILD_INFO: dict[str, Any] = _read_build_info()
+
+# Which compiled libraries loaded ("cpp", "cuda") and why the others did not.
+COMPILED: dict[str, Any] = {}
+LOAD_ERRORS: dict[str, str] = {}
+
+_NATIVE_MODULES = {"cpp": "fused_opt._C", "cuda": "fused_opt._C_cuda"}
+_REMEDY = (
+    "Rebuild it against the installed torch with `pip install --no-build-isolation -e .` "
+    "(needs a C++ compiler), or install the wheel built for this torch. "
+    "Set FUSED_OPT_BACKEND=torch to choose the pure-PyTorch backend and silence this warning."
+)
+
+
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _load_native() -> None:
+    built_for = BUILD_INFO.get("torch_version")
+    if built_for and _torch_minor(built_for) != _torch_minor(torch.__version__):
+        # A binary built for another torch minor can crash on load: never try it.
+        reason = (
+            f"it was built against torch {built_for} but torch {torch.__version__} is installed"
+        )
+        for backend in _NATIVE_MODULES:
+            LOAD_ERRORS[backend] = reason
+        return
+    for backend, module in _NATIVE_MODULES.items():
+        if backend == "cuda" and not torch.cuda.is_available():
+            # Kernels built but nothing to run them on: not an error worth a warning.
+            LOAD_ERRORS[backend] = "no CUDA device is available"
+            continue
+        try:
+            COMPILED[backend] = importlib.import_module(module)
+        except ModuleNotFoundError:
+            LOAD_ERRORS[backend] = "not built"
+        except Exception as exc:  # ImportError, OSError (undefined symbols), RuntimeError
+            LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
+
+
+def _warn_if_missing() -> None:
+    if "cpp" in COMPILED or os.environ.get("FUSED_OPT_BACKEND", "").lower() == "torch":
+        return
+    if BUILD_INFO.get("extensions") is False:
+        reason = "this install was built without compiled kernels (FUSED_OPT_BUILD_EXT=0)"
+    else:
+        reason = f"the compiled kernels did not load ({LOAD_ERRORS.get('cpp', 'not built')})"
+    warnings.warn(
+        f"fused_opt: {reason}; the pure-PyTorch backend runs instead. {_REMEDY}",
+        FallbackWarning,
+        stacklevel=3,
+    )
+
+
+if os.environ.get("FUSED_OPT_DISABLE_NATIVE") == "1":
+    # Used by the tests to exercise the fallback path in a fresh process.
+    LOAD_ERRORS.update(dict.fromkeys(_NATIVE_MODULES, "disabled by FUSED_OPT_DISABLE_NATIVE=1"))
+else:
+    _load_native()
+_warn_if_missing()
+
+
+def native_module(backend: str) -> Any | None:
+    """The loaded extension module of a compiled backend, or None."""
+    return COMPILED.get(backend)

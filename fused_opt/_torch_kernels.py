@@ -1,0 +1,179 @@
+"""Pure-PyTorch kernels of the fused ops: the ``torch`` backend and the fallback on every device.
+
+They follow torch.optim's foreach implementation op for op, with one difference shared by all our
+backends: fp16/bf16 tensors are computed in fp32 and rounded once on store, as the fused kernels
+do, instead of being rounded after every op. Inputs are checked before anything is modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_tensor_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
+    """Raise RuntimeError unless every list matches ``params`` (the checks all kernels share)."""
+    for name, tensors in lists.items():
+        if len(tensors) not in (0, len(params)) or (name == "grads" and len(tensors) != len(params)):
+            raise RuntimeError(
+                f"fused_opt.{op}: expected {len(params)} {name}, got {len(tensors)}"
+            )
+    for i, p in enumerate(params):
+        if not p.is_floating_point():
+            raise RuntimeError(f"fused_opt.{op}: params[{i}] has dtype {p.dtype}, not a float type")
+        for name, tensors in lists.items():
+            if not tensors or name == "steps":
+                continue
+            t = tensors[i]
+            if t.layout != torch.strided:
+                raise RuntimeError(
+                    f"fused_opt.{op}: {name}[{i}] is {t.layout}; sparse gradients are not supported"
+                )
+            if t.shape != p.shape or t.device != p.device:
+                raise RuntimeError(
+                    f"fused_opt.{op}: {name}[{i}] has shape {tuple(t.shape)} on {t.device}, "
+                    f"expected {tuple(p.shape)} on {p.device} like params[{i}]"
+                )
+
+
+def _skip_step(found_inf: Tensor | None) -> bool:
+    # A host sync, but only when a GradScaler passes found_inf to the fallback kernels.
+    return found_inf is not None and bool(found_inf.item())
+
+
+def _as_float(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def _compute_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """fp32 working copies of low-precision tensors; the tensors themselves otherwise."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
+
+
+def _store(targets: list[Tensor], values: list[Tensor]) -> None:
+    for target, value in zip(targets, values):
+        if value is not target:
+            target.copy_(value)  # rounds to nearest even
+
+
+def _effective_grads(
+    grads: list[Tensor], grad_scale: Tensor | None, maximize: bool
+) -> list[Tensor]:
+    """Unscaled, sign-corrected gradients in compute precision; never aliases a grad tensor."""
+    work = [g.float() if g.dtype in _LOW_PRECISION else g for g in grads]
+    if grad_scale is not None:
+        work = torch._foreach_div(work, grad_scale)
+    else:
+        work = [w.clone() if w is g else w for w, g in zip(work, grads)]
+    if maximize:
+        torch._foreach_neg_(work)
+    return work
+
+
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    check_tensor_lists("sgd_", params, grads=grads, momentum_buffers=momentum_buffers)
+    if momentum != 0 and len(momentum_buffers) != len(params):
+        raise RuntimeError("fused_opt.sgd_: momentum != 0 needs one momentum buffer per param")
+    if not params or _skip_step(found_inf):
+        return
+    lr = _as_float(lr)
+    p = _compute_copies(params)
+    g = _effective_grads(grads, grad_scale, maximize)
+    if weight_decay != 0:
+        torch._foreach_add_(g, p, alpha=weight_decay)
+    if momentum != 0:
+        buf = _compute_copies(momentum_buffers)
+        if is_first_step:
+            torch._foreach_copy_(buf, g)
+        else:
+            torch._foreach_mul_(buf, momentum)
+            torch._foreach_add_(buf, g, alpha=1 - dampening)
+        _store(momentum_buffers, buf)
+        if nesterov:
+            torch._foreach_add_(g, buf, alpha=momentum)
+        else:
+            g = buf
+    torch._foreach_add_(p, g, alpha=-lr)
+    _store(params, p)
+
+
+def adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    check_tensor_lists(
+        "adam_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        steps=steps,
+    )
+    n = len(params)
+    if len(exp_avgs) != n or len(exp_avg_sqs) != n or len(steps) != n:
+        raise RuntimeError("fused_opt.adam_: every param needs exp_avg, exp_avg_sq and step")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise RuntimeError("fused_opt.adam_: amsgrad needs one max_exp_avg_sq per param")
+    if not params or _skip_step(found_inf):
+        return
+    lr = _as_float(lr)
+    torch._foreach_add_(steps, 1)
+    p = _compute_copies(params)
+    g = _effective_grads(grads, grad_scale, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        else:
+            torch._foreach_add_(g, p, alpha=weight_decay)
+    m = _compute_copies(exp_avgs)
+    v = _compute_copies(exp_avg_sqs)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    _store(exp_avgs, m)
+    _store(exp_avg_sqs, v)
+    if amsgrad:
+        vmax = _compute_copies(max_exp_avg_sqs)
+        torch._foreach_maximum_(vmax, v)
+        _store(max_exp_avg_sqs, vmax)
+        v = vmax
+    step_counts = [s.item() for s in steps]
+    bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_counts]
+    neg_step_size = [-lr / (1 - beta1**s) for s in step_counts]
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, neg_step_size)
+    _store(params, p)

@@ -1,0 +1,129 @@
+"""Build script: the one owner of every build decision.
+
+Environment variables (also in the README's build table):
+
+  FUSED_OPT_BUILD_EXT   auto | 1 | 0   compile the kernels. auto (default): when a C++ compiler
+                                       is found; 0: pure-Python package (torch backend only).
+  FUSED_OPT_CUDA        auto | 1 | 0   compile the CUDA kernels. auto (default): when nvcc and a
+                                       CUDA build of torch are present; 1: fail if they are not.
+  TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0+PTX"  CUDA archs; unset: the visible GPUs', or without one
+                                       DEFAULT_CUDA_ARCHS below.
+  FUSED_OPT_CPU_ISAS    e.g. "avx2"    SIMD variants to compile besides the portable baseline
+                                       (default: all of avx2, avx512 on x86-64).
+  MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
+  CXX, NVCC             paths          the compilers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = "0.1.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"  # A100, H100/H200, B200 (+PTX for newer GPUs)
+X86_ISAS = ("avx2", "avx512")
+
+
+def env_choice(name: str, default: str = "auto") -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in ("auto", "1", "0"):
+        sys.exit(f"setup.py: {name} must be auto, 1 or 0, not {value!r}")
+    return value
+
+
+def have_cxx() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
+
+
+def cpu_isas() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    requested = os.environ.get("FUSED_OPT_CPU_ISAS")
+    if requested is None:
+        return list(X86_ISAS)
+    isas = [isa.strip() for isa in requested.replace(";", ",").split(",") if isa.strip()]
+    unknown = set(isas) - set(X86_ISAS)
+    if unknown:
+        sys.exit(f"setup.py: unknown FUSED_OPT_CPU_ISAS {sorted(unknown)}; known: {X86_ISAS}")
+    return isas
+
+
+def compiler_version() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
+
+
+def write_build_info(info: dict) -> None:
+    path = ROOT / "fused_opt" / "_build_info.json"
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+# ---- CPU kernels (csrc/cpu) -------------------------------------------------------------------
+def cpu_extension(root: Path, isas: list[str]):
+    """The fused_opt._C extension: CPU kernels, one object per SIMD variant, and the glue."""
+    raise NotImplementedError("filled in by the CPU kernels work")
+
+
+# ---- CUDA kernels (csrc/cuda) ------------------------------------------------------------------
+def cuda_extension(root: Path, choice: str, default_archs: str):
+    """The fused_opt._C_cuda extension, or None when CUDA is not built.
+
+    Returns (extension, cuda_version, archs).
+    """
+    return None
+
+
+def main() -> None:
+    build_ext = env_choice("FUSED_OPT_BUILD_EXT")
+    if build_ext == "auto":
+        build_ext = "1" if have_cxx() else "0"
+    info: dict = {"version": VERSION, "extensions": build_ext == "1"}
+    ext_modules: list = []
+    cmdclass: dict = {}
+    install_requires = ["torch>=2.4"]
+
+    if build_ext == "1":
+        import torch
+        from torch.utils.cpp_extension import BuildExtension
+
+        info.update(
+            torch_version=torch.__version__,
+            compiler=compiler_version(),
+            cpu_isas=["baseline"] + cpu_isas(),
+            cuda_version=None,
+            cuda_archs=[],
+        )
+        ext_modules.append(cpu_extension(ROOT, cpu_isas()))
+        cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"), DEFAULT_CUDA_ARCHS)
+        if cuda is not None:
+            extension, cuda_version, archs = cuda
+            ext_modules.append(extension)
+            info.update(cuda_version=cuda_version, cuda_archs=archs)
+        cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
+        # The binary works only with the torch minor it was compiled against.
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        install_requires = [f"torch=={major}.{minor}.*"]
+
+    write_build_info(info)
+    setup(
+        version=VERSION,
+        install_requires=install_requires,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
+
+
+if __name__ == "__main__":
+    main()
