@@ -1,0 +1,112 @@
+"""Functional API: one fused step over lists of tensors, grouped by (device, dtype).
+
+The optimizer classes cache the grouping across steps and call ``launch_sgd`` / ``launch_adam``
+directly; ``sgd()`` and ``adam()`` are the stateless entry points for custom loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _backends, _ops, _torch_kernels
+
+__all__ = ["adam", "kernel", "sgd"]
+
+_DEVICE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def kernel(op: str, backend: str, device: torch.device) -> Callable[..., None]:
+    """What runs ``op`` ("sgd_" or "adam_") for ``backend`` on ``device``.
+
+    Always the dispatcher's op, except when the torch backend is forced on a device that has a
+    compiled kernel registered: then the pure-PyTorch kernel is called directly.
+    """
+    if backend == "torch" and _DEVICE_BACKEND.get(device.type) in _ops.COMPILED:
+        return getattr(_torch_kernels, op)
+    return getattr(torch.ops.fused_opt, op)
+
+
+def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
+    """GradScaler's grad_scale / found_inf moved to ``device`` once per step."""
+    if t is None or t.device == device:
+        return t
+    if device not in cache:
+        cache[device] = t.to(device, non_blocking=True)
+    return cache[device]
+
+
+def _grouped(tensor_lists: list[list[Tensor]]) -> dict[tuple, list[list[Tensor]]]:
+    groups: dict[tuple, list[list[Tensor]]] = {}
+    for i, p in enumerate(tensor_lists[0]):
+        lists = groups.setdefault((p.device, p.dtype), [[] for _ in tensor_lists])
+        for out, tensors in zip(lists, tensor_lists):
+            if tensors:
+                out.append(tensors[i])
+    return groups
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    is_first_step: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One SGD step over tensor lists (``momentum_buffers`` empty when momentum == 0)."""
+    requested = _backends.normalize(backend)
+    moved: dict[str, dict] = {"scale": {}, "inf": {}}
+    for (device, _), (p, g, buf) in _grouped([params, grads, momentum_buffers]).items():
+        kernel("sgd_", _backends.resolve(requested, device), device)(
+            p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=lr,
+            dampening=dampening, nesterov=nesterov, maximize=maximize,
+            is_first_step=is_first_step,
+            grad_scale=on_device(grad_scale, device, moved["scale"]),
+            found_inf=on_device(found_inf, device, moved["inf"]),
+        )  # fmt: skip
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One Adam (or, with ``decoupled_weight_decay``, AdamW) step over tensor lists."""
+    requested = _backends.normalize(backend)
+    moved: dict[str, Any] = {"scale": {}, "inf": {}}
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
+    for (device, _), (p, g, m, v, vmax, s) in _grouped(lists).items():
+        kernel("adam_", _backends.resolve(requested, device), device)(
+            p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            eps=eps, amsgrad=amsgrad, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            grad_scale=on_device(grad_scale, device, moved["scale"]),
+            found_inf=on_device(found_inf, device, moved["inf"]),
+        )  # fmt: skip

@@ -1,0 +1,206 @@
+"""What SGD, Adam and AdamW share: the backend choice, the cached plan, and the step loop.
+
+Each class subclasses its torch.optim twin, so constructor checks, param groups, hooks,
+``state_dict`` / ``load_state_dict`` and ``zero_grad`` are torch's own, and ``isinstance(opt,
+torch.optim.AdamW)`` holds. Only ``step`` is ours: per param group, a cached *plan* holds the
+tensors bucketed by (device, dtype) with their state lists, so a step costs one Python pass to
+collect the grads and one op call per bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _backends
+from ..functional import kernel, on_device
+
+try:  # FSDP2 shards params as DTensors; the kernels work on the local shards.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def kernel_view(t: Tensor) -> Tensor:
+    """The tensor a kernel updates in place for ``t``: its local shard, as real numbers."""
+    if DTensor is not None and isinstance(t, DTensor):
+        t = t.to_local()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _needs_view(t: Tensor) -> bool:
+    return t.is_complex() or (DTensor is not None and isinstance(t, DTensor))
+
+
+class Bucket:
+    """The params of one group on one device with one dtype, and their state, ready for a kernel."""
+
+    __slots__ = ("device", "kernel", "index", "owners", "params", "state", "viewed", "first_step")
+
+    def __init__(self, device: torch.device, run: Callable[..., None], index: list[int],
+                 owners: list[Tensor], state: list[list[Tensor]], first_step: bool) -> None:  # fmt: skip
+        self.device = device
+        self.kernel = run
+        self.index = index  # positions in group["params"]
+        self.owners = owners  # the params themselves (state keys)
+        self.viewed = any(_needs_view(p) for p in owners)
+        self.params = [kernel_view(p) for p in owners] if self.viewed else owners
+        self.state = [[kernel_view(t) for t in ts] for ts in state] if self.viewed else state
+        self.first_step = first_step
+
+    def grads(self, all_grads: list[Tensor], whole_group: bool) -> list[Tensor]:
+        grads = all_grads if whole_group else [all_grads[i] for i in self.index]
+        return [kernel_view(g) for g in grads] if self.viewed else grads
+
+
+class Plan:
+    """A group's buckets, valid while its params list and the set of params with grads hold."""
+
+    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "stale")
+
+    def __init__(self, params: list[Tensor], missing: list[int], flags: tuple,
+                 buckets: list[Bucket]) -> None:  # fmt: skip
+        self.params = params
+        self.size = len(params)
+        self.missing = missing
+        self.flags = flags
+        self.buckets = buckets
+        # One bucket over every param of the group: the grads list is passed as it is.
+        self.whole_group = len(buckets) == 1 and not missing
+        self.stale = False
+
+    def fits(self, params: list[Tensor], missing: list[int], flags: tuple) -> bool:
+        return (not self.stale and self.params is params and self.size == len(params)
+                and self.missing == missing and self.flags == flags)  # fmt: skip
+
+
+class FusedOptimizer:
+    """Mixin placed before a torch.optim class (``class Adam(FusedOptimizer, torch.optim.Adam)``)."""
+
+    _op: str  # the fused op this optimizer calls: "sgd_" or "adam_"
+    _plans: dict[int, Plan]
+    _backend_request: str
+
+    def _init_backend(self, backend: str | None) -> None:
+        """Called before torch.optim's __init__, which adds the param groups."""
+        self._backend_request = _backends.normalize(backend)
+        self._plans = {}
+
+    # ---- what each optimizer defines -----------------------------------------------------
+    def _plan_flags(self, group: dict[str, Any]) -> tuple:
+        """Group settings that change the shape of the state lists."""
+        raise NotImplementedError
+
+    def _has_state(self, state: dict[str, Any]) -> bool:
+        return len(state) > 0
+
+    def _state_lists(
+        self, group: dict[str, Any], owners: list[Tensor]
+    ) -> tuple[list[list[Tensor]], bool]:
+        """The kernel's state lists for ``owners``, and whether this step creates their state."""
+        raise NotImplementedError
+
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    # ---- torch.optim.Optimizer overrides --------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        try:
+            for p in self.param_groups[-1]["params"]:  # type: ignore[attr-defined]
+                _backends.resolve(self._backend_request, p.device)
+        except ValueError:
+            self.param_groups.pop()  # type: ignore[attr-defined]
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["_backend_request"] = self._backend_request
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also reached from load_state_dict: every cached plan refers to replaced state.
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__.setdefault("_backend_request", _backends.normalize(None))
+        self._plans = {}
+
+    @property
+    def backend(self) -> str | dict[str, str]:
+        """The backend that runs: one name, or ``{device: name}`` if params live on several."""
+        if any(group["differentiable"] for group in self.param_groups):  # type: ignore[attr-defined]
+            return "torch.optim (differentiable=True)"
+        per_device = {}
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                if str(p.device) not in per_device:
+                    per_device[str(p.device)] = _backends.resolve(self._backend_request, p.device)
+        return next(iter(per_device.values())) if len(per_device) == 1 else per_device
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        if any(group["differentiable"] for group in self.param_groups):  # type: ignore[attr-defined]
+            # Gradients through the update itself: torch.optim's own implementation runs.
+            return super().step(closure)  # type: ignore[misc]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by torch.amp.GradScaler for optimizers with _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        moved: tuple[dict, dict] = ({}, {})
+        with torch.no_grad():
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                params = group["params"]
+                grads = [p.grad for p in params]
+                missing = [i for i, g in enumerate(grads) if g is None]
+                flags = self._plan_flags(group)
+                plan = self._plans.get(id(group))
+                if plan is None or not plan.fits(params, missing, flags):
+                    plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
+                for bucket in plan.buckets:
+                    self._launch(
+                        group,
+                        bucket,
+                        bucket.grads(grads, plan.whole_group),
+                        on_device(grad_scale, bucket.device, moved[0]),
+                        on_device(found_inf, bucket.device, moved[1]),
+                    )
+                    if bucket.first_step:
+                        plan.stale = True  # the state it created changes the buckets
+        return loss
+
+    # ---- the plan ---------------------------------------------------------------------------
+    def _build_plan(self, group: dict[str, Any], grads: list[Tensor | None], missing: list[int],
+                    flags: tuple) -> Plan:  # fmt: skip
+        params = group["params"]
+        with_grad = [i for i, g in enumerate(grads) if g is not None]
+        for i in with_grad:  # checked before any state is created
+            if grads[i].is_sparse:  # type: ignore[union-attr]
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients"
+                    + (", please consider SparseAdam instead" if self._op == "adam_" else "")
+                )
+        by_key: dict[tuple, list[int]] = {}
+        for i in with_grad:
+            p = params[i]
+            has_state = self._has_state(self.state[p])  # type: ignore[attr-defined]
+            by_key.setdefault((p.device, p.dtype, has_state), []).append(i)
+        buckets = []
+        for (device, _, _), index in by_key.items():
+            owners = [params[i] for i in index]
+            state_lists, first_step = self._state_lists(group, owners)
+            backend = _backends.resolve(self._backend_request, device)
+            buckets.append(
+                Bucket(device, kernel(self._op, backend, device), index, owners, state_lists,
+                       first_step)  # fmt: skip
+            )
+        return Plan(params, missing, flags, buckets)

@@ -1,0 +1,141 @@
+"""Adam and AdamW (amsgrad, maximize, L2 or decoupled weight decay): torch.optim's, fused."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Bucket, FusedOptimizer
+
+__all__ = ["Adam", "AdamW"]
+
+# torch < 2.6 has no decoupled_weight_decay argument (AdamW was a class of its own).
+_TORCH_ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam).parameters
+
+
+def _step_dtype() -> torch.dtype:
+    # torch.optim keeps `step` in float32 (float64 when that is the default dtype).
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class _AdamFamily(FusedOptimizer):
+    """State handling and the kernel call shared by Adam and AdamW."""
+
+    _op = "adam_"
+    _always_decoupled = False
+
+    def _plan_flags(self, group: dict[str, Any]) -> tuple:
+        return (group["amsgrad"],)
+
+    def _state_lists(
+        self, group: dict[str, Any], owners: list[Tensor]
+    ) -> tuple[list[list[Tensor]], bool]:
+        created = False
+        for p in owners:
+            state = self.state[p]
+            if not state:
+                created = True
+                # Where torch.optim puts it: on the device when capturable or fused.
+                on_device = group["capturable"] or group["fused"]
+                state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in owners]
+        lists = [
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states],
+        ]
+        return lists, created
+
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
+        beta1, beta2 = group["betas"]
+        decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
+        bucket.kernel(
+            bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]), eps=group["eps"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=decoupled, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+
+
+class Adam(_AdamFamily, torch.optim.Adam):
+    """Drop-in for :class:`torch.optim.Adam` running fused_opt's kernels.
+
+    Same arguments, defaults, checks and ``state_dict`` as torch.optim.Adam, plus ``backend``
+    ("auto", "cpp", "cuda" or "torch"; default: $FUSED_OPT_BACKEND, else "auto").
+    ``foreach`` and ``fused`` are accepted and stored for checkpoint compatibility; what runs is
+    chosen by ``backend``. ``capturable=True`` keeps ``step`` on the device (needed to capture the
+    step in a CUDA graph); it changes nothing on the CPU. ``differentiable=True`` runs
+    torch.optim's implementation.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        self._init_backend(backend)
+        extra = {"decoupled_weight_decay": decoupled_weight_decay} if _TORCH_ADAM_DECOUPLES else {}
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, **extra,
+        )  # fmt: skip
+        if not _TORCH_ADAM_DECOUPLES:
+            self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
+            for group in self.param_groups:
+                group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+        self._step_supports_amp_scaling = not differentiable
+
+
+class AdamW(_AdamFamily, torch.optim.AdamW):
+    """Drop-in for :class:`torch.optim.AdamW` running fused_opt's kernels (see :class:`Adam`)."""
+
+    _always_decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self._init_backend(backend)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        self._step_supports_amp_scaling = not differentiable

@@ -1,0 +1,86 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize: torch.optim.SGD, fused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Bucket, FusedOptimizer, kernel_view
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizer, torch.optim.SGD):
+    """Drop-in for :class:`torch.optim.SGD` running fused_opt's kernels.
+
+    Same arguments, defaults, checks and ``state_dict`` as torch.optim.SGD, plus ``backend``
+    ("auto", "cpp", "cuda" or "torch"; default: $FUSED_OPT_BACKEND, else "auto").
+    ``foreach`` and ``fused`` are accepted and stored for checkpoint compatibility; what runs
+    is chosen by ``backend``. ``differentiable=True`` runs torch.optim's implementation.
+    """
+
+    _op = "sgd_"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self._init_backend(backend)
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused,
+        )  # fmt: skip
+        # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
+        self._step_supports_amp_scaling = not differentiable
+
+    def _plan_flags(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] != 0,)
+
+    def _has_state(self, state: dict[str, Any]) -> bool:
+        return state.get("momentum_buffer") is not None
+
+    def _state_lists(
+        self, group: dict[str, Any], owners: list[Tensor]
+    ) -> tuple[list[list[Tensor]], bool]:
+        if group["momentum"] == 0:
+            return [[]], False
+        buffers = [self.state[p].get("momentum_buffer") for p in owners]
+        if all(b is not None for b in buffers):
+            return [buffers], False
+        return [[]], True  # created by _launch, once the step is known to happen
+
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        (buffers,) = bucket.state
+        new_buffers: list[Tensor] = []
+        if bucket.first_step:
+            # A skipped first step must not leave buffers behind (torch's fused SGD does, and
+            # its next step then reads uninitialised memory): one host sync, at first steps only.
+            if found_inf is not None and found_inf.item():
+                return
+            new_buffers = [torch.empty_like(p) for p in bucket.owners]
+            buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
+        bucket.kernel(
+            bucket.params, grads, buffers,
+            weight_decay=float(group["weight_decay"]), momentum=group["momentum"],
+            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=group["maximize"], is_first_step=bucket.first_step,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        for p, buffer in zip(bucket.owners, new_buffers):
+            self.state[p]["momentum_buffer"] = buffer
