@@ -1,0 +1,58 @@
+# The README's commands. `make test` and `make bench` work on a fresh machine: they create a
+# virtual environment (unless one is active), install torch (pinned: an unpinned torch pulls GBs
+# of CUDA packages) and the project, then run.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+ARGS ?=
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: help install test bench lint format wheel cuda-check clean
+
+help:
+	@echo "make test    build and run the test suite (also: make cuda-check)"
+	@echo "make bench   compare fused_opt with torch.optim on this machine (ARGS=--quick|--full)"
+	@echo "make lint    ruff + clang-format checks;  make format  fixes them"
+	@echo "make wheel   build a binary wheel (see docs/INSTALL.md)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The build needs torch's headers: install torch first, then build against it.
+install: | $(PY)
+	$(PIP) "torch==$(TORCH_VERSION)" setuptools wheel ninja
+	$(PIP) --no-build-isolation -e ".[test,bench,dev]"
+
+test: install cuda-check
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m bench $(ARGS)
+
+# Every CUDA source must compile for sm_80 and sm_90, also on machines without a GPU.
+cuda-check:
+	bash tools/check_cuda.sh
+
+wheel: install
+	bash tools/build_wheel.sh
+
+lint: | $(PY)
+	$(PIP) ruff clang-format
+	$(VENV)/bin/ruff check fused_opt tests bench examples setup.py
+	$(VENV)/bin/ruff format --check fused_opt tests bench examples setup.py
+	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format --dry-run -Werror
+
+format: | $(PY)
+	$(PIP) ruff clang-format
+	$(VENV)/bin/ruff check --fix fused_opt tests bench examples setup.py
+	$(VENV)/bin/ruff format fused_opt tests bench examples setup.py
+	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format -i
+
+clean:
+	rm -rf build dist *.egg-info fused_opt/*.so fused_opt/_build_info.json
