@@ -1,0 +1,93 @@
+"""``python -m fused_opt``: what was built, what runs here, and a one-step check against torch.optim."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import fused_opt
+from fused_opt import _ops
+
+
+def _cpu_report() -> list[str]:
+    native = _ops.native_module("cpp")
+    if native is None:
+        return [f"  cpp      not loaded: {_ops.LOAD_ERRORS.get('cpp', 'not built')}"]
+    return [
+        f"  cpp      SIMD variants compiled: {', '.join(native.isa_compiled())}",
+        f"           this CPU runs: {', '.join(native.isa_supported())}; "
+        f"active: {native.isa_active()} (force a lower one with FUSED_OPT_CPU_ISA)",
+    ]
+
+
+def _cuda_report() -> list[str]:
+    if "cuda" in _ops.COMPILED:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return [f"  cuda     loaded; devices: {', '.join(names)}"]
+    return [f"  cuda     not loaded: {_ops.LOAD_ERRORS.get('cuda', 'not built')}"]
+
+
+def _sanity_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sanity_check() -> list[tuple[str, str, str, float]]:
+    """One step of each optimizer and backend vs torch.optim: (optimizer, backend, device, max error)."""
+    results = []
+    cases = {
+        "SGD": (fused_opt.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        "Adam": (fused_opt.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+        "AdamW": (fused_opt.AdamW, torch.optim.AdamW, {"lr": 0.01}),
+    }
+    generator = torch.Generator().manual_seed(0)
+    for device in _sanity_devices():
+        backends = [b for b in fused_opt.available_backends() if b in ("torch", "cpp" if device == "cpu" else "cuda")]
+        for name, (ours, theirs, kwargs) in cases.items():
+            for backend in backends:
+                start = torch.randn(1000, generator=generator).to(device)
+                grads = [torch.randn(1000, generator=generator).to(device) for _ in range(2)]
+                a, b = start.clone().requires_grad_(), start.clone().requires_grad_()
+                opt_a = ours([a], backend=backend, **kwargs)
+                opt_b = theirs([b], foreach=False, **kwargs)
+                for g in grads:
+                    a.grad, b.grad = g.clone(), g.clone()
+                    opt_a.step()
+                    opt_b.step()
+                results.append((name, backend, device, (a - b).abs().max().item()))
+    return results
+
+
+def main() -> int:
+    info = _ops.BUILD_INFO
+    lines = [
+        f"fused_opt {fused_opt.__version__}  (python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.machine()})",
+        "built:",
+    ]
+    if not info:
+        lines.append("  no build info (a source tree never built: pip install --no-build-isolation -e .)")
+    elif not info.get("extensions"):
+        lines.append("  pure Python, no compiled kernels (FUSED_OPT_BUILD_EXT=0)")
+    else:
+        lines += [
+            f"  against torch {info.get('torch_version')} with {info.get('compiler', '?')}",
+            f"  CPU SIMD variants: {', '.join(info.get('cpu_isas', [])) or 'none'}",
+            f"  CUDA: {info.get('cuda_version') or 'not built'}; archs: "
+            f"{', '.join(info.get('cuda_archs', [])) or '-'}",
+        ]
+    lines += ["runs here:", f"  backends available: {', '.join(fused_opt.available_backends())}"]
+    lines += _cpu_report() + _cuda_report()
+    lines.append("sanity check (2 steps vs torch.optim for-loop, max |difference|):")
+    failed = False
+    for name, backend, device, error in sanity_check():
+        ok = error <= 1e-5
+        failed |= not ok
+        lines.append(f"  {name:6s} {backend:6s} {device:5s} {error:.2e}  {'ok' if ok else 'FAILED'}")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
