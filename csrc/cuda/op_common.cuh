@@ -1,0 +1,44 @@
+// Pieces every optimizer's launcher shares: the learning rate read and the dtype dispatch.
+#pragma once
+
+#include "fused_kernels.h"
+#include "multi_tensor_apply.cuh"
+
+namespace fused_opt {
+namespace cuda {
+
+// A device learning rate is read by every block, never synchronised to the host (graph-safe).
+__device__ __forceinline__ double load_learning_rate(const LearningRate& lr) {
+  if (lr.device_ptr == nullptr) return lr.value;
+  return lr.device_is_double ? *static_cast<const double*>(lr.device_ptr)
+                             : static_cast<double>(*static_cast<const float*>(lr.device_ptr));
+}
+
+// Calls launch.template operator()<T>() with the storage type of `dtype`.
+template <typename Launch>
+cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch.template operator()<float>();
+    case DType::kFloat64:
+      return launch.template operator()<double>();
+    case DType::kFloat16:
+      return launch.template operator()<__half>();
+    case DType::kBFloat16:
+      return launch.template operator()<__nv_bfloat16>();
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The dtypes present in a call, in a fixed order: one group of launches per dtype.
+template <typename TensorDesc>
+bool contains_dtype(const TensorDesc* tensors, int64_t count, DType dtype) {
+  for (int64_t i = 0; i < count; ++i)
+    if (tensors[i].dtype == dtype) return true;
+  return false;
+}
+
+constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
+
+}  // namespace cuda
+}  // namespace fused_opt
