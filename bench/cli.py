@@ -1,0 +1,255 @@
+"""`python -m bench` (`make bench`): fused_opt against torch.optim on this machine.
+
+Modes: default (< 5 min on 2 cores), --quick (< 1 min), --full (more sizes, dtypes and thread
+counts). Progress goes to stderr; the table to stdout; JSON, Markdown and a PNG chart to
+bench/results/<date>_<machine>_<mode>.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import report
+from .compare import Case, Result, add_floor, add_speedups, run_cases
+from .e2e import LMConfig, run_e2e
+from .implementations import discover
+from .measure import NOISY_SPREAD, Timing, measure_bandwidth
+from .workloads import OPTIMIZERS, WORKLOADS, bytes_per_element
+
+RESULTS_DIR = Path(__file__).with_name("results")
+MAIN_OPTIMIZERS = ("sgd-momentum", "sgd-nesterov", "adam", "adamw")
+SGD_AND_ADAMW = ("sgd-momentum", "adamw")
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    cases: tuple[Case, ...]
+    timing: dict[str, Timing]  # per workload; "*" for the rest
+    threads: tuple[int, ...]
+    bandwidth_elements: int
+    e2e: LMConfig | None
+
+    def timing_for(self) -> dict[str, Timing]:
+        return {w: self.timing.get(w, self.timing["*"]) for w in WORKLOADS}
+
+
+def _cases(spec: dict[str, dict[str, tuple[str, ...]]]) -> tuple[Case, ...]:
+    return tuple(Case(w, d, opts) for w, by_dtype in spec.items() for d, opts in by_dtype.items())
+
+
+def _threads_all() -> int:
+    return torch.get_num_threads()
+
+
+def make_plan(mode: str) -> Plan:
+    # The 124M-element GPT-2 steps take 50-500 ms each here: fewer, longer samples.
+    big = Timing(warmup=2, min_repeats=5, max_repeats=15, budget_s=1.0)
+    small = Timing(warmup=3, min_repeats=10, max_repeats=60, budget_s=0.6)
+    if mode == "smoke":
+        return Plan(
+            "smoke",
+            (Case("tiny", "fp32", SGD_AND_ADAMW),),
+            {"*": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
+            (_threads_all(),),
+            2**22,
+            LMConfig(d_model=32, n_layers=1, n_heads=2, context=16, batch=4, steps=4, warmup_steps=1),
+        )  # fmt: skip
+    if mode == "quick":
+        cases = _cases({
+            "many-small": {"fp32": SGD_AND_ADAMW},
+            "tiny": {"fp32": SGD_AND_ADAMW},
+            "large-4M": {"fp32": SGD_AND_ADAMW, "bf16": ("adamw",)},
+        })  # fmt: skip
+        quick = Timing(warmup=2, min_repeats=7, max_repeats=30, budget_s=0.3)
+        return Plan("quick", cases, {"*": quick}, (_threads_all(),), 2**25,
+                    LMConfig(steps=15, warmup_steps=3))  # fmt: skip
+    if mode == "default":
+        cases = _cases({
+            "gpt2-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+            "many-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+            "tiny": {"fp32": MAIN_OPTIMIZERS},
+            "large-32M": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+        })  # fmt: skip
+        return Plan("default", cases, {"gpt2-small": big, "*": small}, (_threads_all(),), 2**26,
+                    LMConfig())  # fmt: skip
+    if mode == "full":
+        every = MAIN_OPTIMIZERS + ("sgd",)
+        both = {"fp32": every, "bf16": every}
+        cases = _cases({w: both for w in ("gpt2-small", "many-small", "tiny", "large-4M",
+                                          "large-32M", "large-128M")})  # fmt: skip
+        threads = tuple(sorted({1, max(1, _threads_all() // 2), _threads_all()}))
+        return Plan("full", cases, {"gpt2-small": big, "large-128M": big, "*": small}, threads,
+                    2**27, LMConfig(steps=100, warmup_steps=10))  # fmt: skip
+    raise ValueError(mode)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="a glance in under a minute (no GPT-2 set)")  # fmt: skip
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="more sizes, both dtypes everywhere, several thread counts")  # fmt: skip
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                      help=argparse.SUPPRESS)  # the test suite's seconds-long run
+    p.set_defaults(mode="default")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")  # fmt: skip
+    p.add_argument("--workloads", help=f"comma list among {', '.join(WORKLOADS)}")
+    p.add_argument("--optimizers", help=f"comma list among {', '.join(OPTIMIZERS)}")
+    p.add_argument("--threads", help="comma list of torch thread counts (CPU)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training run")
+    p.add_argument("--no-peers", action="store_true", help="leave DeepSpeed and optimi out")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    return p.parse_args(argv)
+
+
+def _narrow(plan: Plan, args: argparse.Namespace) -> Plan:
+    cases = plan.cases
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        unknown = set(wanted) - set(WORKLOADS)
+        if unknown:
+            sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}")
+        # Named workloads run even if the mode did not include them, with the main optimizers.
+        known = {c.workload for c in cases}
+        cases = tuple(c for c in cases if c.workload in wanted)
+        cases += tuple(Case(w, "fp32", MAIN_OPTIMIZERS) for w in wanted if w not in known)
+    if args.optimizers:
+        wanted = args.optimizers.split(",")
+        unknown = set(wanted) - set(OPTIMIZERS)
+        if unknown:
+            sys.exit(f"unknown optimizer(s): {', '.join(sorted(unknown))}")
+        cases = tuple(replace(c, optimizers=tuple(wanted)) for c in cases)
+    threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else plan.threads
+    return replace(plan, cases=cases, threads=threads, e2e=None if args.no_e2e else plan.e2e)
+
+
+def _e2e_optimizers(device: torch.device) -> dict:
+    def torch_adamw(**mode):
+        return lambda params, cfg: torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, **mode
+        )
+
+    factories = {"torch.optim.AdamW": torch_adamw(), "torch.optim.AdamW fused": torch_adamw(fused=True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import fused_opt
+        except Exception:
+            return factories
+    for backend in fused_opt.available_backends():
+        if backend == "cpp" and device.type != "cpu" or backend == "cuda" and device.type != "cuda":
+            continue
+        factories[f"fused_opt.AdamW {backend}"] = (
+            lambda params, cfg, b=backend: fused_opt.AdamW(
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay, backend=b
+            )
+        )
+    return factories
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    plan = _narrow(make_plan(args.mode), args)
+    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if want_cuda else "cpu")
+    started = time.perf_counter()
+    stamp = dt.datetime.now(dt.timezone.utc)
+    impls, notes = discover(peers=not args.no_peers)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"machine: {report.machine(device)}; torch {torch.__version__}; mode {plan.name}",
+          file=sys.stderr)  # fmt: skip
+
+    results: list[Result] = []
+    bandwidths = {}
+    default_threads = torch.get_num_threads()
+    for threads in plan.threads:
+        torch.set_num_threads(threads)
+        bw = measure_bandwidth(device, plan.bandwidth_elements)
+        print(f"bandwidth ({threads} threads): {bw.gb_per_s:.1f} GB/s "
+              f"(best of {', '.join(f'{k} {v:.1f}' for k, v in bw.by_pattern.items())})",
+              file=sys.stderr)  # fmt: skip
+        measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads)
+        # Measured again at the end: a shift means the machine's load changed during the run.
+        # The floor uses the higher of the two: a busy machine must not flatter the results.
+        after = measure_bandwidth(device, plan.bandwidth_elements)
+        floor = max(bw.gb_per_s, after.gb_per_s)
+        drift = abs(after.gb_per_s - bw.gb_per_s) / floor
+        add_floor(measured, floor)
+        results += measured
+        bandwidths[threads] = {
+            "floor_gb_per_s": floor, "before": bw.as_dict(), "after": after.as_dict(), "drift": drift
+        }  # fmt: skip
+        if drift > NOISY_SPREAD:
+            notes.append(f"bandwidth moved {100 * drift:.0f}% during the run ({threads} threads: "
+                         f"{bw.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy")  # fmt: skip
+    torch.set_num_threads(default_threads)
+    add_speedups(results, NOISY_SPREAD)
+
+    e2e = run_e2e(_e2e_optimizers(device), plan.e2e, device) if plan.e2e else []
+    if e2e:
+        worst = max(e.max_abs_loss_diff for e in e2e)
+        if worst > 1e-3:
+            notes.append(f"end to end: the loss curves differ by up to {worst:.2e} (expected < 1e-3)")
+
+    elapsed = time.perf_counter() - started
+    machine_words = report.machine(device)
+    command = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
+        sys.argv[1:] if argv is None else argv))  # fmt: skip
+    headline = (f"{stamp:%Y-%m-%d %H:%M} UTC, {machine_words}, torch {torch.__version__}, "
+                f"`{command}`, {elapsed:.0f} s")  # fmt: skip
+    floor_bw = ", ".join(f"{t} threads {b['floor_gb_per_s']:.1f} GB/s"
+                         for t, b in bandwidths.items())  # fmt: skip
+    text = report.table(results)
+    print(f"\n{headline}\nbandwidth floor: {floor_bw}\n\n{text}\n\n{report.NOISE_NOTE}")
+    if e2e:
+        print(f"\nend to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):\n"
+              f"{report.e2e_table(e2e)}")  # fmt: skip
+    for note in notes:
+        print(f"note: {note}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"{stamp:%Y-%m-%d_%H%M}_{report.machine_slug(device)}_{plan.name}"
+    payload = {
+        "date_utc": stamp.isoformat(timespec="seconds"),
+        "machine": machine_words,
+        "device": device.type,
+        "torch": torch.__version__,
+        "command": command,
+        "mode": plan.name,
+        "elapsed_s": elapsed,
+        "bandwidth": bandwidths,
+        "bytes_per_element": {
+            f"{o}/{d}": bytes_per_element(OPTIMIZERS[o], torch_dtype)
+            for o in OPTIMIZERS for d, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        },  # fmt: skip
+        "noisy_spread": NOISY_SPREAD,
+        "notes": notes,
+        "results": [r.as_dict() for r in results],
+        "e2e": {"config": asdict(plan.e2e) if plan.e2e else None, "runs": [e.as_dict() for e in e2e]},
+    }
+    report.write_json(base.with_suffix(".json"), payload)
+    md = [f"{headline}", "", f"Bandwidth floor: {floor_bw}.", "", report.table(results, markdown=True)]
+    if e2e:
+        md += ["", f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):", "",
+               report.e2e_table(e2e, markdown=True)]  # fmt: skip
+    md += [""] + [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
+    base.with_suffix(".md").write_text("\n".join(md) + "\n")
+    report.write_chart(base.with_suffix(".png"), results, e2e,
+                       f"fused_opt vs torch.optim — {machine_words} — {stamp:%Y-%m-%d}")  # fmt: skip
+    print(f"\nwrote {base}.json, .md and .png", file=sys.stderr)
+    return 0

@@ -1,0 +1,196 @@
+"""Where results go: the printed table, a Markdown copy, JSON, and the PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .compare import Result
+from .e2e import E2EResult
+from .measure import NOISY_SPREAD
+
+__all__ = ["machine", "machine_slug", "table", "write_json", "write_chart"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    """The machine in words, without its host name: the GPU, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{_cpu_model()}, {cores} cores ({isa})"
+
+
+def machine_slug(device: torch.device) -> str:
+    words = machine(device).split(" (")[0]  # the ISA in brackets is in the JSON, not the name
+    return re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-")
+
+
+COLUMNS = (
+    "workload", "dtype", "optimizer", "implementation", "median ms", "IQR", "GB/s",
+    "floor", "us/tensor", "speed-up",
+)  # fmt: skip
+
+
+def _row(r: Result, threads_col: bool) -> list[str]:
+    head = [r.workload, r.dtype, r.optimizer, r.implementation]
+    if threads_col:
+        head.append(str(r.threads))
+    if r.median_ms is None:
+        return head + ["-", "-", "-", "-", "-", f"skipped: {r.skipped}"]
+    speedup = "" if r.speedup is None else f"{r.speedup:.2f}x" + (" ~" if r.noisy else "")
+    return head + [
+        f"{r.median_ms:.3f}",
+        f"±{100 * (r.spread or 0):.0f}%",
+        f"{r.gb_per_s:.1f}",
+        f"{100 * (r.floor_fraction or 0):.0f}%",
+        f"{r.us_per_tensor:.2f}",
+        speedup,
+    ]
+
+
+def table(results: Sequence[Result], markdown: bool = False, show_skipped: bool = True) -> str:
+    """The comparison table; '~' marks a speed-up whose spread is too large to trust."""
+    threads_col = len({r.threads for r in results}) > 1
+    columns = list(COLUMNS)
+    if threads_col:
+        columns.insert(4, "threads")
+    rows = [_row(r, threads_col) for r in results if show_skipped or r.median_ms is not None]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(columns[:-1])]  # fmt: skip
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "  " + columns[-1]]
+    previous = None
+    for r, row in zip((r for r in results if show_skipped or r.median_ms is not None), rows):
+        key = (r.workload, r.dtype, r.optimizer, r.threads)
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)
+
+
+def e2e_table(results: Sequence[E2EResult], markdown: bool = False) -> str:
+    columns = ["implementation", "ms/iteration", "IQR", "step ms", "step share", "max |loss diff|"]
+    rows = [
+        [e.implementation, f"{e.iteration_ms:.2f}", f"±{100 * e.spread:.0f}%", f"{e.step_ms:.3f}",
+         f"{100 * e.step_share:.1f}%", f"{e.max_abs_loss_diff:.2e}"]
+        for e in results
+    ]  # fmt: skip
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows])
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+# ---- the chart -----------------------------------------------------------------------------
+def _bar_panel(ax, rows: list[Result], value: str, ylabel: str, title: str) -> None:  # noqa: ANN001
+    groups = list(dict.fromkeys((r.dtype, r.optimizer) for r in rows))
+    impls = list(dict.fromkeys(r.implementation for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, group in enumerate(groups):
+            for r in rows:
+                if (r.dtype, r.optimizer) == group and r.implementation == impl:
+                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                    ys.append(getattr(r, value))
+        ax.bar(xs, ys, width, label=impl, color=_color(impl))
+    ax.set_xticks(range(len(groups)), [f"{o}\n{d}" for d, o in groups], fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _color(impl: str) -> str:
+    palette = {
+        "torch for-loop": "#c7c7c7", "torch foreach": "#8c8c8c", "torch fused": "#404040",
+        "fused_opt cpp": "#d62728", "fused_opt cuda": "#d62728", "fused_opt torch": "#ff9896",
+        "DeepSpeed CPUAdam": "#1f77b4", "optimi foreach": "#2ca02c",
+    }  # fmt: skip
+    return palette.get(impl, "#9467bd")
+
+
+def write_chart(
+    path: Path, results: Sequence[Result], e2e: Sequence[E2EResult], title: str
+) -> None:
+    """One PNG: per workload the fraction of the floor (tiny: µs per tensor), then end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = max(r.threads for r in results) if results else 0
+    timed = [r for r in results if r.median_ms is not None and r.threads == threads]
+    workloads = list(dict.fromkeys(r.workload for r in timed))
+    panels = len(workloads) + (2 if e2e else 0)
+    cols = min(3, panels) or 1
+    rows_n = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.2 * rows_n), squeeze=False)
+    flat = list(axes.flat)
+    for ax, workload in zip(flat, workloads):
+        rows = [r for r in timed if r.workload == workload]
+        if workload == "tiny":
+            _bar_panel(ax, rows, "us_per_tensor", "µs per tensor per step (lower is better)",
+                       f"{workload}: per-step overhead")  # fmt: skip
+            ax.set_yscale("log")
+        else:
+            _bar_panel(ax, rows, "floor_fraction", "fraction of the bandwidth floor",
+                       f"{workload} ({rows[0].elements / 1e6:.1f}M elements)")  # fmt: skip
+            ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    if timed:
+        flat[0].legend(fontsize=7, loc="upper left")
+    if e2e:
+        ax_time, ax_loss = flat[len(workloads)], flat[len(workloads) + 1]
+        names = [e.implementation for e in e2e]
+        steps = [e.step_ms for e in e2e]
+        rest = [e.iteration_ms - e.step_ms for e in e2e]
+        ax_time.barh(names, rest, color="#aec7e8", label="forward + backward")
+        ax_time.barh(names, steps, left=rest, color="#d62728", label="optimizer step")
+        ax_time.set_xlabel("ms per training iteration (median)")
+        ax_time.set_title(f"end to end: TinyGPT ({e2e[0].params / 1e6:.2f}M params)", fontsize=9)
+        ax_time.legend(fontsize=7)
+        ax_time.tick_params(axis="y", labelsize=7)
+        for e in e2e:
+            ax_loss.plot(range(1, len(e.losses) + 1), e.losses, label=e.implementation, lw=1)
+        worst = max(e.max_abs_loss_diff for e in e2e)
+        ax_loss.set_title(f"training loss (max |difference| {worst:.1e})", fontsize=9)
+        ax_loss.set_xlabel("iteration")
+        ax_loss.legend(fontsize=7)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+NOISE_NOTE = (
+    f"'~': the IQR of this result or of the torch.optim reference exceeds "
+    f"{100 * NOISY_SPREAD:.0f}% of its median; the speed-up is not to be trusted."
+)
