@@ -61,50 +61,91 @@ def make_plan(mode: str) -> Plan:
             {"*": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
             (_threads_all(),),
             2**22,
-            LMConfig(d_model=32, n_layers=1, n_heads=2, context=16, batch=4, steps=4, warmup_steps=1),
-        )  # fmt: skip
+            LMConfig(
+                d_model=32, n_layers=1, n_heads=2, context=16, batch=4, steps=4, warmup_steps=1
+            ),
+        )
     if mode == "quick":
-        cases = _cases({
-            "many-small": {"fp32": SGD_AND_ADAMW},
-            "tiny": {"fp32": SGD_AND_ADAMW},
-            "large-4M": {"fp32": SGD_AND_ADAMW, "bf16": ("adamw",)},
-        })  # fmt: skip
+        cases = _cases(
+            {
+                "many-small": {"fp32": SGD_AND_ADAMW},
+                "tiny": {"fp32": SGD_AND_ADAMW},
+                "large-4M": {"fp32": SGD_AND_ADAMW, "bf16": ("adamw",)},
+            }
+        )
         quick = Timing(warmup=2, min_repeats=7, max_repeats=30, budget_s=0.3)
-        return Plan("quick", cases, {"*": quick}, (_threads_all(),), 2**25,
-                    LMConfig(steps=15, warmup_steps=3))  # fmt: skip
+        return Plan(
+            "quick",
+            cases,
+            {"*": quick},
+            (_threads_all(),),
+            2**25,
+            LMConfig(steps=15, warmup_steps=3),
+        )
     if mode == "default":
-        cases = _cases({
-            "gpt2-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
-            "many-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
-            "tiny": {"fp32": MAIN_OPTIMIZERS},
-            "large-32M": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
-        })  # fmt: skip
-        return Plan("default", cases, {"gpt2-small": big, "*": small}, (_threads_all(),), 2**26,
-                    LMConfig())  # fmt: skip
+        cases = _cases(
+            {
+                "gpt2-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+                "many-small": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+                "tiny": {"fp32": MAIN_OPTIMIZERS},
+                "large-32M": {"fp32": MAIN_OPTIMIZERS, "bf16": SGD_AND_ADAMW},
+            }
+        )
+        return Plan(
+            "default", cases, {"gpt2-small": big, "*": small}, (_threads_all(),), 2**26, LMConfig()
+        )
     if mode == "full":
         every = MAIN_OPTIMIZERS + ("sgd",)
         both = {"fp32": every, "bf16": every}
-        cases = _cases({w: both for w in ("gpt2-small", "many-small", "tiny", "large-4M",
-                                          "large-32M", "large-128M")})  # fmt: skip
+        cases = _cases(
+            {
+                w: both
+                for w in ("gpt2-small", "many-small", "tiny", "large-4M", "large-32M", "large-128M")
+            }
+        )
         threads = tuple(sorted({1, max(1, _threads_all() // 2), _threads_all()}))
-        return Plan("full", cases, {"gpt2-small": big, "large-128M": big, "*": small}, threads,
-                    2**27, LMConfig(steps=100, warmup_steps=10))  # fmt: skip
+        return Plan(
+            "full",
+            cases,
+            {"gpt2-small": big, "large-128M": big, "*": small},
+            threads,
+            2**27,
+            LMConfig(steps=100, warmup_steps=10),
+        )
     raise ValueError(mode)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="a glance in under a minute (no GPT-2 set)")  # fmt: skip
-    mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="more sizes, both dtypes everywhere, several thread counts")  # fmt: skip
-    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                      help=argparse.SUPPRESS)  # the test suite's seconds-long run
+    mode.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="a glance in under a minute (no GPT-2 set)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="more sizes, both dtypes everywhere, several thread counts",
+    )
+    mode.add_argument(
+        "--smoke", dest="mode", action="store_const", const="smoke", help=argparse.SUPPRESS
+    )  # the test suite's seconds-long run
     p.set_defaults(mode="default")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available, else cpu")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when available, else cpu",
+    )
     p.add_argument("--workloads", help=f"comma list among {', '.join(WORKLOADS)}")
     p.add_argument("--optimizers", help=f"comma list among {', '.join(OPTIMIZERS)}")
     p.add_argument("--threads", help="comma list of torch thread counts (CPU)")
@@ -141,7 +182,10 @@ def _e2e_optimizers(device: torch.device) -> dict:
             params, lr=cfg.lr, weight_decay=cfg.weight_decay, **mode
         )
 
-    factories = {"torch.optim.AdamW": torch_adamw(), "torch.optim.AdamW fused": torch_adamw(fused=True)}
+    factories = {
+        "torch.optim.AdamW": torch_adamw(),
+        "torch.optim.AdamW fused": torch_adamw(fused=True),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -151,10 +195,8 @@ def _e2e_optimizers(device: torch.device) -> dict:
     for backend in fused_opt.available_backends():
         if backend == "cpp" and device.type != "cpu" or backend == "cuda" and device.type != "cuda":
             continue
-        factories[f"fused_opt.AdamW {backend}"] = (
-            lambda params, cfg, b=backend: fused_opt.AdamW(
-                params, lr=cfg.lr, weight_decay=cfg.weight_decay, backend=b
-            )
+        factories[f"fused_opt.AdamW {backend}"] = lambda params, cfg, b=backend: fused_opt.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, backend=b
         )
     return factories
 
@@ -171,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     impls, notes = discover(peers=not args.no_peers)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"machine: {report.machine(device)}; torch {torch.__version__}; mode {plan.name}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"machine: {report.machine(device)}; torch {torch.__version__}; mode {plan.name}",
+        file=sys.stderr,
+    )
 
     results: list[Result] = []
     bandwidths = {}
@@ -180,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     for threads in plan.threads:
         torch.set_num_threads(threads)
         bw = measure_bandwidth(device, plan.bandwidth_elements)
-        print(f"bandwidth ({threads} threads): {bw.gb_per_s:.1f} GB/s "
-              f"(best of {', '.join(f'{k} {v:.1f}' for k, v in bw.by_pattern.items())})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"bandwidth ({threads} threads): {bw.gb_per_s:.1f} GB/s "
+            f"(best of {', '.join(f'{k} {v:.1f}' for k, v in bw.by_pattern.items())})",
+            file=sys.stderr,
+        )
         measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads)
         # Measured again at the end: a shift means the machine's load changed during the run.
         # The floor uses the higher of the two: a busy machine must not flatter the results.
@@ -192,11 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         add_floor(measured, floor)
         results += measured
         bandwidths[threads] = {
-            "floor_gb_per_s": floor, "before": bw.as_dict(), "after": after.as_dict(), "drift": drift
-        }  # fmt: skip
+            "floor_gb_per_s": floor,
+            "before": bw.as_dict(),
+            "after": after.as_dict(),
+            "drift": drift,
+        }
         if drift > NOISY_SPREAD:
-            notes.append(f"bandwidth moved {100 * drift:.0f}% during the run ({threads} threads: "
-                         f"{bw.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy")  # fmt: skip
+            notes.append(
+                f"bandwidth moved {100 * drift:.0f}% during the run ({threads} threads: "
+                f"{bw.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy"
+            )
     torch.set_num_threads(default_threads)
     add_speedups(results, NOISY_SPREAD)
 
@@ -204,21 +255,31 @@ def main(argv: list[str] | None = None) -> int:
     if e2e:
         worst = max(e.max_abs_loss_diff for e in e2e)
         if worst > 1e-3:
-            notes.append(f"end to end: the loss curves differ by up to {worst:.2e} (expected < 1e-3)")
+            notes.append(
+                f"end to end: the loss curves differ by up to {worst:.2e} (expected < 1e-3)"
+            )
 
     elapsed = time.perf_counter() - started
     machine_words = report.machine(device)
-    command = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))  # fmt: skip
-    headline = (f"{stamp:%Y-%m-%d %H:%M} UTC, {machine_words}, torch {torch.__version__}, "
-                f"`{command}`, {elapsed:.0f} s")  # fmt: skip
-    floor_bw = ", ".join(f"{t} threads {b['floor_gb_per_s']:.1f} GB/s"
-                         for t, b in bandwidths.items())  # fmt: skip
+    command = "python -m bench" + (
+        ""
+        if argv is None and len(sys.argv) == 1
+        else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    headline = (
+        f"{stamp:%Y-%m-%d %H:%M} UTC, {machine_words}, torch {torch.__version__}, "
+        f"`{command}`, {elapsed:.0f} s"
+    )
+    floor_bw = ", ".join(
+        f"{t} threads {b['floor_gb_per_s']:.1f} GB/s" for t, b in bandwidths.items()
+    )
     text = report.table(results)
     print(f"\n{headline}\nbandwidth floor: {floor_bw}\n\n{text}\n\n{report.NOISE_NOTE}")
     if e2e:
-        print(f"\nend to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):\n"
-              f"{report.e2e_table(e2e)}")  # fmt: skip
+        print(
+            f"\nend to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):\n"
+            f"{report.e2e_table(e2e)}"
+        )
     for note in notes:
         print(f"note: {note}")
 
@@ -235,21 +296,39 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": bandwidths,
         "bytes_per_element": {
             f"{o}/{d}": bytes_per_element(OPTIMIZERS[o], torch_dtype)
-            for o in OPTIMIZERS for d, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-        },  # fmt: skip
+            for o in OPTIMIZERS
+            for d, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        },
         "noisy_spread": NOISY_SPREAD,
         "notes": notes,
         "results": [r.as_dict() for r in results],
-        "e2e": {"config": asdict(plan.e2e) if plan.e2e else None, "runs": [e.as_dict() for e in e2e]},
+        "e2e": {
+            "config": asdict(plan.e2e) if plan.e2e else None,
+            "runs": [e.as_dict() for e in e2e],
+        },
     }
     report.write_json(base.with_suffix(".json"), payload)
-    md = [f"{headline}", "", f"Bandwidth floor: {floor_bw}.", "", report.table(results, markdown=True)]
+    md = [
+        f"{headline}",
+        "",
+        f"Bandwidth floor: {floor_bw}.",
+        "",
+        report.table(results, markdown=True),
+    ]
     if e2e:
-        md += ["", f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):", "",
-               report.e2e_table(e2e, markdown=True)]  # fmt: skip
+        md += [
+            "",
+            f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):",
+            "",
+            report.e2e_table(e2e, markdown=True),
+        ]
     md += [""] + [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
-    report.write_chart(base.with_suffix(".png"), results, e2e,
-                       f"fused_opt vs torch.optim — {machine_words} — {stamp:%Y-%m-%d}")  # fmt: skip
+    report.write_chart(
+        base.with_suffix(".png"),
+        results,
+        e2e,
+        f"fused_opt vs torch.optim — {machine_words} — {stamp:%Y-%m-%d}",
+    )
     print(f"\nwrote {base}.json, .md and .png", file=sys.stderr)
     return 0

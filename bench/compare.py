@@ -85,7 +85,7 @@ def run_cases(
     for case in cases:
         workload, dtype = WORKLOADS[case.workload], DTYPES[case.dtype]
         params, grads = make_tensors(workload, dtype, device)
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.requires_grad_(True)
             p.grad = g
         for opt_name in case.optimizers:
@@ -94,9 +94,17 @@ def run_cases(
             for impl in impls:
                 done += 1
                 result = Result(
-                    case.workload, case.dtype, opt_name, impl.name, impl.family, device.type,
-                    threads, workload.tensors, workload.elements, nbytes,
-                )  # fmt: skip
+                    case.workload,
+                    case.dtype,
+                    opt_name,
+                    impl.name,
+                    impl.family,
+                    device.type,
+                    threads,
+                    workload.tensors,
+                    workload.elements,
+                    nbytes,
+                )
                 results.append(result)
                 result.skipped = impl.unsupported(spec, dtype, device)
                 if result.skipped is None:

@@ -167,12 +167,22 @@ def run_e2e(
                 iteration_s.append(t2 - t0)
                 step_s.append(t2 - t1)
         iteration, step = statistics.median(iteration_s), statistics.median(step_s)
-        diff = max(abs(a - b) for a, b in zip(losses, results[0].losses)) if results else 0.0
+        diff = (
+            max(abs(a - b) for a, b in zip(losses, results[0].losses, strict=True))
+            if results
+            else 0.0
+        )
         results.append(
             E2EResult(
-                name, sum(p.numel() for p in params), iteration * 1e3, step * 1e3,
-                step / iteration, _iqr_spread(iteration_s), losses, diff,
-            )  # fmt: skip
+                name,
+                sum(p.numel() for p in params),
+                iteration * 1e3,
+                step * 1e3,
+                step / iteration,
+                _iqr_spread(iteration_s),
+                losses,
+                diff,
+            )
         )
         print(
             f"[e2e] {name:<22} {iteration * 1e3:8.2f} ms/iteration, step {step * 1e3:7.3f} ms "

@@ -38,7 +38,11 @@ class Implementation:
 
 
 # ---- torch.optim -------------------------------------------------------------------------
-TORCH_MODES = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+TORCH_MODES = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
 
 
 def _torch_impl(mode: str) -> Implementation:

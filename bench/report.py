@@ -43,9 +43,17 @@ def machine_slug(device: torch.device) -> str:
 
 
 COLUMNS = (
-    "workload", "dtype", "optimizer", "implementation", "median ms", "IQR", "GB/s",
-    "floor", "us/tensor", "speed-up",
-)  # fmt: skip
+    "workload",
+    "dtype",
+    "optimizer",
+    "implementation",
+    "median ms",
+    "IQR",
+    "GB/s",
+    "floor",
+    "us/tensor",
+    "speed-up",
+)
 
 
 def _row(r: Result, threads_col: bool) -> list[str]:
@@ -65,43 +73,47 @@ def _row(r: Result, threads_col: bool) -> list[str]:
     ]
 
 
-def table(results: Sequence[Result], markdown: bool = False, show_skipped: bool = True) -> str:
+def _layout(columns: list[str], rows: list[list[str]], markdown: bool, breaks: set[int]) -> str:
+    """Aligned plain text (a blank line before each row index in ``breaks``) or Markdown."""
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip()
+
+    lines = [line(columns)]
+    for i, row in enumerate(rows):
+        lines += [""] * (i in breaks) + [line(row)]
+    return "\n".join(lines)
+
+
+def table(results: Sequence[Result], markdown: bool = False) -> str:
     """The comparison table; '~' marks a speed-up whose spread is too large to trust."""
     threads_col = len({r.threads for r in results}) > 1
     columns = list(COLUMNS)
     if threads_col:
         columns.insert(4, "threads")
-    rows = [_row(r, threads_col) for r in results if show_skipped or r.median_ms is not None]
-    if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
-              for i, c in enumerate(columns[:-1])]  # fmt: skip
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "  " + columns[-1]]
-    previous = None
-    for r, row in zip((r for r in results if show_skipped or r.median_ms is not None), rows):
-        key = (r.workload, r.dtype, r.optimizer, r.threads)
-        if previous is not None and key != previous:
-            lines.append("")
-        previous = key
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1])
-    return "\n".join(lines)
+    keys = [(r.workload, r.dtype, r.optimizer, r.threads) for r in results]
+    breaks = {i for i in range(1, len(keys)) if keys[i] != keys[i - 1]}
+    return _layout(columns, [_row(r, threads_col) for r in results], markdown, breaks)
 
 
 def e2e_table(results: Sequence[E2EResult], markdown: bool = False) -> str:
     columns = ["implementation", "ms/iteration", "IQR", "step ms", "step share", "max |loss diff|"]
     rows = [
-        [e.implementation, f"{e.iteration_ms:.2f}", f"±{100 * e.spread:.0f}%", f"{e.step_ms:.3f}",
-         f"{100 * e.step_share:.1f}%", f"{e.max_abs_loss_diff:.2e}"]
+        [
+            e.implementation,
+            f"{e.iteration_ms:.2f}",
+            f"±{100 * e.spread:.0f}%",
+            f"{e.step_ms:.3f}",
+            f"{100 * e.step_share:.1f}%",
+            f"{e.max_abs_loss_diff:.2e}",
+        ]
         for e in results
-    ]  # fmt: skip
-    if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows])
+    ]
+    return _layout(columns, rows, markdown, set())
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -129,10 +141,15 @@ def _bar_panel(ax, rows: list[Result], value: str, ylabel: str, title: str) -> N
 
 def _color(impl: str) -> str:
     palette = {
-        "torch for-loop": "#c7c7c7", "torch foreach": "#8c8c8c", "torch fused": "#404040",
-        "fused_opt cpp": "#d62728", "fused_opt cuda": "#d62728", "fused_opt torch": "#ff9896",
-        "DeepSpeed CPUAdam": "#1f77b4", "optimi foreach": "#2ca02c",
-    }  # fmt: skip
+        "torch for-loop": "#c7c7c7",
+        "torch foreach": "#8c8c8c",
+        "torch fused": "#404040",
+        "fused_opt cpp": "#d62728",
+        "fused_opt cuda": "#d62728",
+        "fused_opt torch": "#ff9896",
+        "DeepSpeed CPUAdam": "#1f77b4",
+        "optimi foreach": "#2ca02c",
+    }
     return palette.get(impl, "#9467bd")
 
 
@@ -153,15 +170,25 @@ def write_chart(
     rows_n = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.2 * rows_n), squeeze=False)
     flat = list(axes.flat)
-    for ax, workload in zip(flat, workloads):
+    for ax, workload in zip(flat, workloads, strict=False):
         rows = [r for r in timed if r.workload == workload]
         if workload == "tiny":
-            _bar_panel(ax, rows, "us_per_tensor", "µs per tensor per step (lower is better)",
-                       f"{workload}: per-step overhead")  # fmt: skip
+            _bar_panel(
+                ax,
+                rows,
+                "us_per_tensor",
+                "µs per tensor per step (lower is better)",
+                f"{workload}: per-step overhead",
+            )
             ax.set_yscale("log")
         else:
-            _bar_panel(ax, rows, "floor_fraction", "fraction of the bandwidth floor",
-                       f"{workload} ({rows[0].elements / 1e6:.1f}M elements)")  # fmt: skip
+            _bar_panel(
+                ax,
+                rows,
+                "floor_fraction",
+                "fraction of the bandwidth floor",
+                f"{workload} ({rows[0].elements / 1e6:.1f}M elements)",
+            )
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
     if timed:
         flat[0].legend(fontsize=7, loc="upper left")
