@@ -1,0 +1,358 @@
+// The torch glue of the CUDA kernels: checks, device guard, current stream, registration.
+//
+// Registers the CUDA implementations of fused_opt::sgd_ and fused_opt::adam_ (schemas defined in
+// fused_opt/_ops.py). Everything is checked before anything is modified. The kernels themselves
+// (fused_kernels.h) know nothing of torch. Only c10/cuda headers are used (no ATen/cuda), so
+// tools/check_cuda.sh can syntax-check this file against a CPU build of torch.
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "fused_kernels.h"
+
+namespace fused_opt {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+DType dtype_of(const Tensor& t, const char* op, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
+                  "; the CUDA kernels take float32, float64, float16 and bfloat16");
+  }
+}
+
+void check_length(const char* op, const char* name, TensorList list, size_t expected) {
+  TORCH_CHECK(list.size() == expected, "fused_opt.", op, ": expected ", expected, " ", name,
+              ", got ", list.size());
+}
+
+// The kernels index every list flat, so all tensors of a param must share one dense layout.
+bool same_dense_layout(const Tensor& a, const Tensor& b) {
+  if (!a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+void check_param(const char* op, size_t i, const Tensor& p, const c10::Device& device) {
+  TORCH_CHECK(p.layout() == c10::kStrided, "fused_opt.", op, ": params[", i, "] is ", p.layout(),
+              "; only strided tensors are supported");
+  TORCH_CHECK(p.device() == device, "fused_opt.", op, ": params[", i, "] is on ", p.device(),
+              " but params[0] is on ", device, "; one call takes the tensors of one device");
+  dtype_of(p, op, i);
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_opt.", op, ": params[", i,
+              "] is not dense (a strided view); the CUDA kernels need dense params");
+}
+
+void check_like_param(const char* op, const char* name, size_t i, const Tensor& t,
+                      const Tensor& p) {
+  TORCH_CHECK(t.layout() == c10::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
+              t.layout(), "; sparse gradients are not supported");
+  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name,
+              "[", i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(),
+              " on ", p.device(), " like params[", i, "]");
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
+              "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
+              "]");
+  TORCH_CHECK(same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i, "] has strides ",
+              t.strides(), ", expected ", p.strides(), " like params[", i, "]");
+}
+
+void check_lists(const char* op, TensorList params, TensorList grads,
+                 std::initializer_list<std::pair<const char*, TensorList>> states) {
+  const c10::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "fused_opt.", op, ": params are on ", device,
+              ", not on a CUDA device");
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param(op, i, params[i], device);
+    check_like_param(op, "grads", i, grads[i], params[i]);
+    for (const auto& [name, list] : states) check_like_param(op, name, i, list[i], params[i]);
+  }
+}
+
+// grad_scale / found_inf: fp32 scalars on the params' device, read by the kernels.
+const float* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t,
+                           const c10::Device& device) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == device,
+              "fused_opt.", op, ": ", name, " must be a 1-element float32 tensor on ", device,
+              ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  return t->const_data_ptr<float>();
+}
+
+LearningRate learning_rate(double lr) { return LearningRate{lr, nullptr, false}; }
+
+// A CPU lr is read here; a device lr is read by the kernels (no synchronisation).
+LearningRate learning_rate(const char* op, const Tensor& lr, const c10::Device& device) {
+  TORCH_CHECK(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+              "fused_opt.", op, ": lr must be a 1-element float32 or float64 tensor, got ",
+              lr.scalar_type(), " ", lr.sizes());
+  if (lr.device().is_cpu()) return learning_rate(lr.item<double>());
+  TORCH_CHECK(lr.device() == device, "fused_opt.", op, ": lr is on ", lr.device(),
+              ", expected the CPU or the params' device ", device);
+  return LearningRate{0.0, lr.const_data_ptr(), lr.scalar_type() == at::kDouble};
+}
+
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, "fused_opt.", op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(error));
+}
+
+// ---- SGD ------------------------------------------------------------------------------------
+struct SgdHyper {
+  double weight_decay, momentum, dampening;
+  bool nesterov, maximize, is_first_step;
+};
+
+template <typename Lr>
+void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, const SgdHyper& h,
+              const Lr& lr, const std::optional<Tensor>& grad_scale,
+              const std::optional<Tensor>& found_inf) {
+  constexpr const char* op = "sgd_";
+  const size_t n = params.size();
+  check_length(op, "grads", grads, n);
+  if (h.momentum != 0.0) {
+    check_length(op, "momentum_buffers", momentum_buffers, n);
+  } else {
+    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fused_opt.", op,
+                ": expected 0 or ", n, " momentum_buffers, got ", momentum_buffers.size());
+  }
+  if (n == 0) return;
+  const bool use_buffers = h.momentum != 0.0;
+  if (use_buffers) {
+    check_lists(op, params, grads, {{"momentum_buffers", momentum_buffers}});
+  } else {
+    check_lists(op, params, grads, {});
+  }
+  const c10::Device device = params[0].device();
+  SgdOptions options{};
+  if constexpr (std::is_same_v<Lr, double>) {
+    options.lr = learning_rate(lr);
+  } else {
+    options.lr = learning_rate(op, lr, device);
+  }
+  options.weight_decay = h.weight_decay;
+  options.momentum = h.momentum;
+  options.dampening = h.dampening;
+  options.nesterov = h.nesterov;
+  options.maximize = h.maximize;
+  options.is_first_step = h.is_first_step;
+  options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
+  options.found_inf = device_scalar(op, "found_inf", found_inf, device);
+
+  std::vector<SgdTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    tensors[i] = SgdTensor{dtype_of(params[i], op, i), params[i].numel(),
+                           params[i].mutable_data_ptr(), grads[i].const_data_ptr(),
+                           use_buffers ? momentum_buffers[i].mutable_data_ptr() : nullptr};
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(op, launch_sgd(tensors.data(), static_cast<int64_t>(n), options, stream));
+}
+
+void sgd_float_lr(TensorList params, TensorList grads, TensorList momentum_buffers,
+                  double weight_decay, double momentum, double lr, double dampening,
+                  bool nesterov, bool maximize, bool is_first_step,
+                  const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+  sgd_cuda(params, grads, momentum_buffers,
+           SgdHyper{weight_decay, momentum, dampening, nesterov, maximize, is_first_step}, lr,
+           grad_scale, found_inf);
+}
+
+void sgd_tensor_lr(TensorList params, TensorList grads, TensorList momentum_buffers,
+                   double weight_decay, double momentum, const Tensor& lr, double dampening,
+                   bool nesterov, bool maximize, bool is_first_step,
+                   const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf) {
+  sgd_cuda(params, grads, momentum_buffers,
+           SgdHyper{weight_decay, momentum, dampening, nesterov, maximize, is_first_step}, lr,
+           grad_scale, found_inf);
+}
+
+// ---- Adam / AdamW ---------------------------------------------------------------------------
+struct AdamHyper {
+  double beta1, beta2, weight_decay, eps;
+  bool amsgrad, maximize, decoupled_weight_decay;
+};
+
+// Steps are fp32 scalars, all on the CPU (read and incremented here) or all on the params'
+// device (capturable: read and incremented by the kernels). Returns whether they are on the device.
+bool check_steps(const char* op, TensorList steps, const c10::Device& device) {
+  const bool on_device = steps[0].device() == device;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "fused_opt.", op, ": steps[", i,
+                "] must be a 1-element float32 tensor, got ", s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(on_device ? s.device() == device : s.device().is_cpu(), "fused_opt.", op,
+                ": steps[", i, "] is on ", s.device(), "; steps must all be on the CPU or all on ",
+                device, " (capturable)");
+  }
+  return on_device;
+}
+
+template <typename Lr>
+void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList max_exp_avg_sqs, TensorList steps, const AdamHyper& h, const Lr& lr,
+               const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+  constexpr const char* op = "adam_";
+  const size_t n = params.size();
+  check_length(op, "grads", grads, n);
+  check_length(op, "exp_avgs", exp_avgs, n);
+  check_length(op, "exp_avg_sqs", exp_avg_sqs, n);
+  check_length(op, "steps", steps, n);
+  if (h.amsgrad) {
+    check_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, n);
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "fused_opt.", op,
+                ": expected 0 or ", n, " max_exp_avg_sqs, got ", max_exp_avg_sqs.size());
+  }
+  if (n == 0) return;
+  if (h.amsgrad) {
+    check_lists(op, params, grads,
+                {{"exp_avgs", exp_avgs},
+                 {"exp_avg_sqs", exp_avg_sqs},
+                 {"max_exp_avg_sqs", max_exp_avg_sqs}});
+  } else {
+    check_lists(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  }
+  const c10::Device device = params[0].device();
+  const bool capturable = check_steps(op, steps, device);
+  AdamOptions options{};
+  if constexpr (std::is_same_v<Lr, double>) {
+    options.lr = learning_rate(lr);
+  } else {
+    options.lr = learning_rate(op, lr, device);
+  }
+  options.beta1 = h.beta1;
+  options.beta2 = h.beta2;
+  options.weight_decay = h.weight_decay;
+  options.eps = h.eps;
+  options.amsgrad = h.amsgrad;
+  options.maximize = h.maximize;
+  options.decoupled_weight_decay = h.decoupled_weight_decay;
+  options.capturable = capturable;
+  options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
+  options.found_inf = device_scalar(op, "found_inf", found_inf, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  // Host step counts cannot depend on a device flag without reading it: the one synchronisation
+  // of the non-capturable path, and only when a GradScaler passes found_inf.
+  if (!capturable && found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+
+  std::vector<AdamTensor> tensors(n);
+  std::vector<float> new_steps(n);
+  std::vector<float*> device_steps;
+  for (size_t i = 0; i < n; ++i) {
+    AdamTensor& t = tensors[i];
+    t.dtype = dtype_of(params[i], op, i);
+    t.numel = params[i].numel();
+    t.param = params[i].mutable_data_ptr();
+    t.grad = grads[i].const_data_ptr();
+    t.exp_avg = exp_avgs[i].mutable_data_ptr();
+    t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
+    t.max_exp_avg_sq = h.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
+    if (capturable) {
+      device_steps.push_back(steps[i].mutable_data_ptr<float>());
+      t.device_step = device_steps.back();
+      t.step = 0.0;
+    } else {
+      new_steps[i] = *steps[i].const_data_ptr<float>() + 1.0f;  // fp32 add, like torch
+      t.step = new_steps[i];
+      t.device_step = nullptr;
+    }
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(op, launch_adam(tensors.data(), static_cast<int64_t>(n), options, stream));
+  if (capturable) {
+    check_launch(op, launch_increment_steps(device_steps.data(),
+                                            static_cast<int64_t>(device_steps.size()),
+                                            options.found_inf, stream));
+  } else {
+    for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() = new_steps[i];
+  }
+}
+
+void adam_float_lr(TensorList params, TensorList grads, TensorList exp_avgs,
+                   TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps, double lr,
+                   double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                   bool maximize, bool decoupled_weight_decay,
+                   const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf) {
+  adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            AdamHyper{beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+            lr, grad_scale, found_inf);
+}
+
+void adam_tensor_lr(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps,
+                    const Tensor& lr, double beta1, double beta2, double weight_decay, double eps,
+                    bool amsgrad, bool maximize, bool decoupled_weight_decay,
+                    const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf) {
+  adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            AdamHyper{beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+            lr, grad_scale, found_inf);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
+  m.impl("sgd_", &sgd_float_lr);
+  m.impl("sgd_.tensor_lr", &sgd_tensor_lr);
+  m.impl("adam_", &adam_float_lr);
+  m.impl("adam_.tensor_lr", &adam_tensor_lr);
+}
+
+}  // namespace cuda
+}  // namespace fused_opt
+
+// fused_opt._C_cuda: importing it registers the kernels above. Its constants say how many tensors
+// one launch carries (non-capturable Adam; capturable carries a few more).
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                               "_C_cuda",
+                               "fused_opt CUDA kernels (registered with the dispatcher)",
+                               -1,
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  using namespace fused_opt::cuda;
+  const std::pair<const char*, int> constants[] = {
+      {"MAX_TENSORS_PER_LAUNCH_SGD", max_tensors_per_launch_sgd(false)},
+      {"MAX_TENSORS_PER_LAUNCH_SGD_MOMENTUM", max_tensors_per_launch_sgd(true)},
+      {"MAX_TENSORS_PER_LAUNCH_ADAM", max_tensors_per_launch_adam(false, false)},
+      {"MAX_TENSORS_PER_LAUNCH_ADAM_AMSGRAD", max_tensors_per_launch_adam(true, false)},
+  };
+  for (const auto& [name, value] : constants) {
+    if (PyModule_AddIntConstant(m, name, value) != 0) {
+      Py_DECREF(m);
+      return nullptr;
+    }
+  }
+  return m;
+}
