@@ -77,7 +77,7 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list, dict]:
 
 
 def assert_bitwise_equal(before: tuple[list, dict], after: tuple[list, dict]) -> None:
-    for a, b in zip(before[0], after[0]):
+    for a, b in zip(before[0], after[0], strict=True):
         assert torch.equal(a, b), "a skipped step changed a param"
     assert before[1].keys() == after[1].keys()
     for index, state in before[1].items():
@@ -94,7 +94,7 @@ def test_scaler_hands_the_scale_to_the_optimizer(backend, device):
     backward_scaled(model, scaler, 0, device)
     scaled_grads = [p.grad.clone() for p in model.parameters()]
     scaler.step(opt)
-    for p, g in zip(model.parameters(), scaled_grads):
+    for p, g in zip(model.parameters(), scaled_grads, strict=True):
         assert torch.equal(p.grad, g)
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
 
@@ -138,7 +138,7 @@ def test_trajectory_matches_torch_optim_under_the_same_scaler(name, backend, dev
         results.append((list(model.parameters()), scaler.get_scale()))
     (fused_params, fused_scale), (torch_params, torch_scale) = results
     assert fused_scale == torch_scale
-    for ours, theirs in zip(fused_params, torch_params):
+    for ours, theirs in zip(fused_params, torch_params, strict=True):
         torch.testing.assert_close(ours, theirs)
 
 
@@ -152,7 +152,7 @@ def test_unscale_then_clip_does_not_unscale_twice(name, backend, device):
         scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
         train(model, opt, scaler, device, range(5), overflow_at=(2,), clip=0.5)
         results.append(list(model.parameters()))
-    for ours, theirs in zip(*results):
+    for ours, theirs in zip(*results, strict=True):
         torch.testing.assert_close(ours, theirs)
 
 
@@ -167,7 +167,7 @@ def test_unscaled_grads_are_used_as_they_are(backend, device):
     scaler.step(opt)
     lr, momentum = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
     decay = opt.param_groups[0]["weight_decay"]
-    for p, p0, g in zip(model.parameters(), before, unscaled):
+    for p, p0, g in zip(model.parameters(), before, unscaled, strict=True):
         # First Nesterov step: buf = g' = g + wd * p, update = g' + momentum * buf.
         g = g + decay * p0
         torch.testing.assert_close(p, p0 - lr * (g + momentum * g))
