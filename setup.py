@@ -12,6 +12,13 @@ Environment variables (also in the README's build table):
                                        (default: all of avx2, avx512 on x86-64).
   MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
   CXX, NVCC             paths          the compilers.
+
+Versions: a compiled build works only with the torch minor it was compiled against, so it
+requires torch==X.Y.* and, built from a checkout, carries a local version label naming that torch
+and its CUDA: 0.1.0+torch2.13cpu, 0.1.0+torch2.11cu130. A build from the sdist keeps the sdist's
+plain version (pip refuses a wheel whose version differs from the sdist it came from), and a
+pure-Python build (FUSED_OPT_BUILD_EXT=0) is plain and requires any torch>=2.4. Every build writes
+fused_opt/_build_info.json (shown by `python -m fused_opt`); the sdist ships sources only.
 """
 
 from __future__ import annotations
@@ -66,8 +73,30 @@ def compiler_version() -> str:
 
 
 def write_build_info(info: dict) -> None:
+    """Record what was built next to the package; package data, so it ships in the wheel."""
     path = ROOT / "fused_opt" / "_build_info.json"
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def torch_minor(torch_version: str) -> str:
+    """'2.13.0+cpu' -> '2.13'."""
+    return ".".join(torch_version.split("+")[0].split(".")[:2])
+
+
+def local_version_label(torch_version: str, cuda_version: str | None) -> str:
+    """'torch2.13cpu', 'torch2.11cu130': the torch minor and CUDA a binary build needs."""
+    accelerator = "cu" + "".join(cuda_version.split(".")[:2]) if cuda_version else "cpu"
+    return f"torch{torch_minor(torch_version)}{accelerator}"
+
+
+def building_sdist() -> bool:
+    """`sdist` (and the `egg_info` pip runs before it) packs sources: no torch, no build info."""
+    return any(command in ("sdist", "egg_info") for command in sys.argv[1:])
+
+
+def from_sdist() -> bool:
+    """An unpacked sdist has PKG-INFO at its root; a checkout does not."""
+    return (ROOT / "PKG-INFO").is_file()
 
 
 # ---- CPU kernels (csrc/cpu) -------------------------------------------------------------------
@@ -86,10 +115,14 @@ def cuda_extension(root: Path, choice: str, default_archs: str):
 
 
 def main() -> None:
+    if building_sdist():
+        setup(version=VERSION, install_requires=["torch>=2.4"])
+        return
     build_ext = env_choice("FUSED_OPT_BUILD_EXT")
     if build_ext == "auto":
         build_ext = "1" if have_cxx() else "0"
-    info: dict = {"version": VERSION, "extensions": build_ext == "1"}
+    version = VERSION
+    info: dict = {"version": version, "extensions": build_ext == "1"}
     ext_modules: list = []
     cmdclass: dict = {}
     install_requires = ["torch>=2.4"]
@@ -100,6 +133,7 @@ def main() -> None:
 
         info.update(
             torch_version=torch.__version__,
+            cxx11_abi=bool(torch.compiled_with_cxx11_abi()),
             compiler=compiler_version(),
             cpu_isas=["baseline"] + cpu_isas(),
             cuda_version=None,
@@ -113,12 +147,15 @@ def main() -> None:
             info.update(cuda_version=cuda_version, cuda_archs=archs)
         cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
         # The binary works only with the torch minor it was compiled against.
-        major, minor = torch.__version__.split("+")[0].split(".")[:2]
-        install_requires = [f"torch=={major}.{minor}.*"]
+        install_requires = [f"torch=={torch_minor(torch.__version__)}.*"]
+        if not from_sdist():
+            label = local_version_label(torch.__version__, info["cuda_version"])
+            version = f"{VERSION}+{label}"
+            info["version"] = version
 
     write_build_info(info)
     setup(
-        version=VERSION,
+        version=version,
         install_requires=install_requires,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
