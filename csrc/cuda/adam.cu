@@ -111,15 +111,19 @@ cudaError_t launch_adam_group(const AdamTensor* tensors, int64_t count, DType dt
 }
 
 template <typename T>
-cudaError_t launch_adam_dtype(const AdamTensor* tensors, int64_t count, DType dtype,
-                              const AdamOptions& options, const AdamArgs& args, cudaStream_t stream) {
-  if (options.amsgrad) {
-    return options.capturable ? launch_adam_group<T, true, true>(tensors, count, dtype, args, stream)
-                              : launch_adam_group<T, true, false>(tensors, count, dtype, args, stream);
+struct AdamLauncher {
+  static cudaError_t run(const AdamTensor* tensors, int64_t count, DType dtype,
+                         const AdamOptions& options, const AdamArgs& args, cudaStream_t stream) {
+    if (options.amsgrad) {
+      return options.capturable
+                 ? launch_adam_group<T, true, true>(tensors, count, dtype, args, stream)
+                 : launch_adam_group<T, true, false>(tensors, count, dtype, args, stream);
+    }
+    return options.capturable
+               ? launch_adam_group<T, false, true>(tensors, count, dtype, args, stream)
+               : launch_adam_group<T, false, false>(tensors, count, dtype, args, stream);
   }
-  return options.capturable ? launch_adam_group<T, false, true>(tensors, count, dtype, args, stream)
-                            : launch_adam_group<T, false, false>(tensors, count, dtype, args, stream);
-}
+};
 
 // ---- capturable step counters ------------------------------------------------------------------
 constexpr int kStepsPerLaunch = static_cast<int>((kKernelParamBytes - 64) / sizeof(float*));
@@ -144,9 +148,8 @@ cudaError_t launch_adam(const AdamTensor* tensors, int64_t count, const AdamOpti
                       options.decoupled_weight_decay};
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;
-    const cudaError_t error = dispatch_dtype(dtype, [&]<typename T>() {
-      return launch_adam_dtype<T>(tensors, count, dtype, options, args, stream);
-    });
+    const cudaError_t error =
+        dispatch_dtype<AdamLauncher>(dtype, tensors, count, dtype, options, args, stream);
     if (error != cudaSuccess) return error;
   }
   return cudaSuccess;

@@ -14,18 +14,19 @@ __device__ __forceinline__ double load_learning_rate(const LearningRate& lr) {
                              : static_cast<double>(*static_cast<const float*>(lr.device_ptr));
 }
 
-// Calls launch.template operator()<T>() with the storage type of `dtype`.
-template <typename Launch>
-cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+// Returns Launcher<T>::run(args...) with T the storage type of `dtype` (C++17: no template
+// lambdas, so the kernels also build where torch compiles extensions as C++17).
+template <template <typename> class Launcher, typename... Args>
+cudaError_t dispatch_dtype(DType dtype, Args&&... args) {
   switch (dtype) {
     case DType::kFloat32:
-      return launch.template operator()<float>();
+      return Launcher<float>::run(args...);
     case DType::kFloat64:
-      return launch.template operator()<double>();
+      return Launcher<double>::run(args...);
     case DType::kFloat16:
-      return launch.template operator()<__half>();
+      return Launcher<__half>::run(args...);
     case DType::kBFloat16:
-      return launch.template operator()<__nv_bfloat16>();
+      return Launcher<__nv_bfloat16>::run(args...);
   }
   return cudaErrorInvalidValue;
 }

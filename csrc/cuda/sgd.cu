@@ -73,6 +73,15 @@ cudaError_t launch_sgd_group(const SgdTensor* tensors, int64_t count, DType dtyp
   return launch_multi_tensor<Op>(count, describe, args, stream);
 }
 
+template <typename T>
+struct SgdLauncher {
+  static cudaError_t run(const SgdTensor* tensors, int64_t count, DType dtype, bool momentum,
+                         const SgdArgs& args, cudaStream_t stream) {
+    return momentum ? launch_sgd_group<T, true>(tensors, count, dtype, args, stream)
+                    : launch_sgd_group<T, false>(tensors, count, dtype, args, stream);
+  }
+};
+
 }  // namespace
 
 cudaError_t launch_sgd(const SgdTensor* tensors, int64_t count, const SgdOptions& options,
@@ -83,10 +92,8 @@ cudaError_t launch_sgd(const SgdTensor* tensors, int64_t count, const SgdOptions
   const bool momentum = options.momentum != 0.0;
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;
-    const cudaError_t error = dispatch_dtype(dtype, [&]<typename T>() {
-      return momentum ? launch_sgd_group<T, true>(tensors, count, dtype, args, stream)
-                      : launch_sgd_group<T, false>(tensors, count, dtype, args, stream);
-    });
+    const cudaError_t error =
+        dispatch_dtype<SgdLauncher>(dtype, tensors, count, dtype, momentum, args, stream);
     if (error != cudaSuccess) return error;
   }
   return cudaSuccess;

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Compile check of the CUDA kernels, for machines with or without a GPU.
+#
+#   1. every csrc/cuda/*.cu with `nvcc -c` for sm_80 and sm_90 (C++17, the flags torch's
+#      extension builder uses, warnings and register spills as errors);
+#   2. the torch glue (csrc/cuda/ops_cuda.cpp) with `g++ -fsyntax-only` against the installed
+#      torch's headers. A CPU build of torch ships c10/cuda headers but not the generated
+#      c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in (the define a CUDA build generates)
+#      is written to a temporary directory for this check only.
+#
+# Exits non-zero on any failure. Without nvcc it says so and exits 0 (nothing to check); set
+# FUSED_OPT_REQUIRE_NVCC=1 to make that an error. NVCC, CXX and PYTHON override the tools.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SRC="$ROOT/csrc/cuda"
+NVCC="${NVCC:-$(command -v nvcc || true)}"
+if [[ -z "$NVCC" && -x /usr/local/cuda/bin/nvcc ]]; then NVCC=/usr/local/cuda/bin/nvcc; fi
+if [[ -z "$NVCC" ]]; then
+  echo "check_cuda: nvcc not found; CUDA sources not checked" >&2
+  [[ "${FUSED_OPT_REQUIRE_NVCC:-0}" == 1 ]] && exit 1
+  exit 0
+fi
+CXX="${CXX:-g++}"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+NVCC_FLAGS=(
+  -std=c++17 -c
+  -gencode=arch=compute_80,code=sm_80
+  -gencode=arch=compute_90,code=sm_90
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+  --expt-relaxed-constexpr
+  --Werror all-warnings
+  -Xcompiler=-Wall,-Wextra,-Werror
+  -Xptxas=--warn-on-spills,--warning-as-error
+)
+
+echo "check_cuda: $("$NVCC" --version | tail -1)"
+status=0
+pids=()
+names=()
+for cu in "$SRC"/*.cu; do
+  name="$(basename "$cu" .cu)"
+  "$NVCC" "${NVCC_FLAGS[@]}" "$cu" -o "$WORK/$name.o" >"$WORK/$name.log" 2>&1 &
+  pids+=($!)
+  names+=("$name")
+done
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then
+    echo "check_cuda: ${names[$i]}.cu ok (sm_80, sm_90)"
+  else
+    echo "check_cuda: ${names[$i]}.cu FAILED" >&2
+    cat "$WORK/${names[$i]}.log" >&2
+    status=1
+  fi
+done
+
+# The glue needs torch's and Python's headers, and CUDA's runtime API header.
+if paths="$("$PYTHON" - <<'PY' 2>/dev/null
+import sysconfig
+from torch.utils.cpp_extension import include_paths
+print("\n".join(include_paths() + [sysconfig.get_paths()["include"]]))
+PY
+)"; then
+  mkdir -p "$WORK/shim/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$WORK/shim/c10/cuda/impl/cuda_cmake_macros.h"
+  includes=(-I"$WORK/shim")
+  while IFS= read -r dir; do includes+=(-isystem "$dir"); done <<<"$paths"
+  # The toolkit's include directory, as nvcc itself reports it (nvcc may be a wrapper script).
+  touch "$WORK/empty.cu"
+  cuda_top="$("$NVCC" --dryrun -c "$WORK/empty.cu" -o "$WORK/empty.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+  includes+=(-isystem "${CUDA_HOME:-$cuda_top}/include")
+  if "$CXX" -std=c++20 -fsyntax-only -Wall -Wextra -Werror "${includes[@]}" "$SRC/ops_cuda.cpp"; then
+    echo "check_cuda: ops_cuda.cpp ok (g++ -fsyntax-only against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+  else
+    echo "check_cuda: ops_cuda.cpp FAILED" >&2
+    status=1
+  fi
+else
+  echo "check_cuda: torch not importable with $PYTHON; glue not checked" >&2
+fi
+exit $status
