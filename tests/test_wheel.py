@@ -1,0 +1,304 @@
+"""The wheel and the sdist, installed the way a cluster node installs them.
+
+The sdist is built from this checkout and unpacked under build/wheel-test/ (kept between runs,
+so only changed sources recompile). From exactly its files, `make wheel`'s recipe
+(tools/build_wheel.sh) builds the CPU wheel, which is checked, installed into a fresh virtual
+environment and run there from a temporary directory: no source tree on the path, torch reused
+from this environment through a .pth file. The same files build the sdist's own wheel, and a
+pure-Python install. The first run compiles the extension (minutes); `-m "not wheel"` skips
+those tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGING = ROOT / "build" / "wheel-test"
+TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+# The suite's parts that exercise an installed package, on the compiled backend.
+INSTALLED_SUBSET = ["test_parity.py", "test_ops.py", "test_main.py", "test_fallback.py"]
+
+_spec = importlib.util.spec_from_file_location("check_wheel", ROOT / "tools" / "check_wheel.py")
+check_wheel = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_wheel)
+
+
+def run(*args: object, timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    command = [str(arg) for arg in args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This environment without fused_opt's variables and any path to the sources."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FUSED_OPT_", "PYTHON"))}
+    env.update(overrides)
+    return env
+
+
+def build_sdist(source: Path, dist_dir: Path) -> Path:
+    script = "import sys, setuptools.build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    name = run(sys.executable, "-c", script, dist_dir, cwd=source).stdout.strip().splitlines()[-1]
+    return dist_dir / name
+
+
+def fresh_venv(path: Path) -> Path:
+    """A new virtual environment that sees this one's torch (and pytest) but not its fused_opt
+    or the source tree: a .pth line appends this site-packages after the venv's own, and .pth
+    files in it (an editable install's hook) are not processed from there."""
+    run(sys.executable, "-m", "venv", "--without-pip", path)
+    python = path / "bin" / "python"
+    site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout
+    Path(site.strip(), "_dev_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def pip_install(python: Path, target: Path, **env: str) -> None:
+    # --no-index: the torch requirement must be met by the torch already there, offline.
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-index",
+        "--no-build-isolation", "--no-cache-dir", target, env=clean_env(**env))  # fmt: skip
+
+
+def run_installed(python: Path, code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, cwd=cwd, env=clean_env(**env), timeout=600,
+    )  # fmt: skip
+
+
+def installed_package(python: Path) -> Path:
+    code = "import importlib.util; print(importlib.util.find_spec('fused_opt').origin)"
+    return Path(run(python, "-c", code, env=clean_env(), cwd="/").stdout.strip()).parent
+
+
+# ---- fixtures: one sdist, one compile, three installs -----------------------------------------
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> Path:
+    return build_sdist(ROOT, tmp_path_factory.mktemp("sdist"))
+
+
+@pytest.fixture(scope="module")
+def staged_sdist(sdist) -> Path:
+    """The sdist unpacked over the previous run's, keeping its build/ (the compiled objects)."""
+    source = STAGING / "src"
+    source.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != "build":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    with tarfile.open(sdist) as archive:
+        top = archive.getnames()[0].split("/")[0]
+        for member in archive.getmembers():
+            member.name = member.name.removeprefix(top).lstrip("/")
+            if member.name:
+                archive.extract(member, source, filter="data")  # keeps the files' mtimes
+    return source
+
+
+@pytest.fixture(scope="module")
+def cpu_wheel(staged_sdist, tmp_path_factory) -> Path:
+    """`make wheel` on the sdist's files as a checkout (no PKG-INFO: the version gets its label)."""
+    pkg_info = (staged_sdist / "PKG-INFO").read_text()
+    (staged_sdist / "PKG-INFO").unlink()
+    out = tmp_path_factory.mktemp("wheelhouse")
+    try:
+        env = clean_env(WHEEL_DIR=str(out), PYTHON=sys.executable, FUSED_OPT_CUDA="0")
+        log = run("bash", ROOT / "tools" / "build_wheel.sh", staged_sdist, env=env)
+    finally:
+        (staged_sdist / "PKG-INFO").write_text(pkg_info)
+    print(log.stdout[-3000:])  # the build and auditwheel's report, shown with -s or on failure
+    (wheel,) = out.glob("fused_opt-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheel_python(cpu_wheel, tmp_path_factory) -> Path:
+    python = fresh_venv(tmp_path_factory.mktemp("wheel-venv") / "venv")
+    pip_install(python, cpu_wheel)
+    return python
+
+
+# ---- the binary wheel ------------------------------------------------------------------------
+@pytest.mark.wheel
+def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
+    assert check_wheel.check_wheel(cpu_wheel) == []
+    names, info, headers, requires, _ = check_wheel.read_wheel(cpu_wheel)
+    assert headers["Version"] == f"0.1.0+torch{TORCH_MINOR}cpu"
+    assert requires == [f"torch=={TORCH_MINOR}.*"]
+    sources = (".cpp", ".h", ".cu", ".cuh", ".o")
+    assert not [n for n in names if n.endswith(sources) or n.startswith("tests/")]
+    assert info["torch_version"] == torch.__version__
+    assert info["cpu_isas"][0] == "baseline" and info["compiler"] not in ("", "unknown")
+    assert info["cuda_version"] is None and info["cuda_archs"] == []
+
+
+@pytest.mark.wheel
+def test_wheel_is_manylinux_with_torch_libraries_left_to_torch(cpu_wheel):
+    """auditwheel show: which manylinux tag the wheel earns, and that it bundles nothing."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    env = clean_env(LD_LIBRARY_PATH=str(torch_lib))  # resolved there, as build_wheel.sh does
+    show = run(sys.executable, "-m", "auditwheel", "show", cpu_wheel, env=env)
+    print(show.stdout)
+    assert "manylinux_" in cpu_wheel.name, "build_wheel.sh should have repaired the wheel"
+    assert not [n for n in check_wheel.read_wheel(cpu_wheel)[0] if ".libs/" in n]
+
+
+@pytest.mark.wheel
+def test_installed_wheel_runs_the_cpp_backend_outside_the_source_tree(wheel_python, tmp_path):
+    out = run_installed(wheel_python, """
+        import warnings
+        warnings.simplefilter("error")  # a FallbackWarning would fail here
+        import fused_opt, importlib.metadata
+        print(fused_opt.__file__)
+        print(importlib.metadata.version("fused_opt"), fused_opt.available_backends())
+    """, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(wheel_python.parents[1]))  # from the venv, not the checkout
+    assert f"0.1.0+torch{TORCH_MINOR}cpu ['cpp', 'torch']" in out.stdout
+    report = run(wheel_python, "-m", "fused_opt", cwd=tmp_path, env=clean_env()).stdout
+    assert f"against torch {torch.__version__}" in report and "FAILED" not in report
+
+
+@pytest.mark.wheel
+def test_test_suite_passes_against_the_installed_wheel(wheel_python, tmp_path):
+    """A subset of the suite, copied out of the checkout, on the installed compiled backend."""
+    shutil.copytree(ROOT / "tests", tmp_path / "tests", ignore=shutil.ignore_patterns("__py*"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)  # pytest's markers; no package is found there
+    files = [f"tests/{name}" for name in INSTALLED_SUBSET if (tmp_path / "tests" / name).is_file()]
+    assert files, "none of the installed-wheel subset's test files exist"
+    out = subprocess.run(
+        [wheel_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files,
+         "-k", "not torch-cpu", "-m", "not cuda and not slow"],
+        capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=900,
+    )  # fmt: skip
+    print(out.stdout[-2000:])
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout
+
+
+TRAIN_ON_WHATEVER_LOADS = textwrap.dedent("""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch, fused_opt
+    fallback = [w for w in caught if issubclass(w.category, fused_opt._ops.FallbackWarning)]
+    print("warnings:", len(fallback))
+    for w in fallback:
+        print("message:", w.message)
+    a = torch.randn(10, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    ours = fused_opt.SGD([a], lr=0.1, momentum=0.9)
+    theirs = torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        g = torch.randn(10)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step(); theirs.step()
+    print("backend:", ours.backend, "equal:", torch.equal(a, b))
+""")
+
+
+@pytest.fixture
+def sabotaged_copy(wheel_python, tmp_path) -> Path:
+    """A copy of the installed package, first on the path of the venv's python, to break."""
+    shutil.copytree(installed_package(wheel_python), tmp_path / "shadow" / "fused_opt")
+    return tmp_path / "shadow"
+
+
+@pytest.mark.wheel
+def test_binary_for_another_torch_minor_warns_once_and_runs_torch(wheel_python, sabotaged_copy):
+    info_path = sabotaged_copy / "fused_opt" / "_build_info.json"
+    info = json.loads(info_path.read_text())
+    info["torch_version"] = "2.11.0+cu130"
+    info_path.write_text(json.dumps(info))
+    out = run_installed(wheel_python, TRAIN_ON_WHATEVER_LOADS, cwd=sabotaged_copy,
+                        PYTHONPATH=str(sabotaged_copy))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "warnings: 1" in out.stdout
+    assert f"built against torch 2.11.0+cu130 but torch {torch.__version__} is" in out.stdout
+    assert "backend: torch equal: True" in out.stdout
+
+
+@pytest.mark.wheel
+def test_broken_binary_warns_once_and_runs_torch(wheel_python, sabotaged_copy):
+    (library,) = (sabotaged_copy / "fused_opt").glob("_C.*so")
+    library.write_bytes(b"\x7fELF truncated by a failed copy")
+    out = run_installed(wheel_python, TRAIN_ON_WHATEVER_LOADS, cwd=sabotaged_copy,
+                        PYTHONPATH=str(sabotaged_copy))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "warnings: 1" in out.stdout
+    assert "ImportError" in out.stdout or "OSError" in out.stdout
+    assert "backend: torch equal: True" in out.stdout
+
+
+# ---- the sdist -------------------------------------------------------------------------------
+@pytest.mark.wheel
+def test_sdist_holds_every_source_and_no_build_output(sdist):
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert sources and sources <= names, f"missing from the sdist: {sorted(sources - names)}"
+    assert {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"} <= names
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith("build/")]
+    assert "fused_opt/_build_info.json" not in names  # each build writes its own
+
+
+@pytest.mark.wheel
+def test_sdist_compiles_into_a_wheel_with_the_sdist_version(staged_sdist, cpu_wheel, tmp_path):
+    """What `pip install fused_opt-0.1.0.tar.gz` builds (reusing the CPU wheel's objects): pip
+    refuses a wheel whose version differs from its sdist's, so no local label, but the pin."""
+    run(sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir",
+        "--wheel-dir", tmp_path, staged_sdist, env=clean_env(FUSED_OPT_CUDA="0"))  # fmt: skip
+    (wheel,) = tmp_path.glob("fused_opt-*.whl")
+    assert check_wheel.check_wheel(wheel) == []
+    _, info, headers, requires, _ = check_wheel.read_wheel(wheel)
+    assert headers["Version"] == info["version"] == "0.1.0"
+    assert requires == [f"torch=={TORCH_MINOR}.*"] and info["extensions"] is True
+
+
+@pytest.mark.wheel
+def test_pure_python_install_from_the_sdist(sdist, tmp_path):
+    python = fresh_venv(tmp_path / "venv")
+    pip_install(python, sdist, FUSED_OPT_BUILD_EXT="0")
+    package = installed_package(python)
+    assert not list(package.rglob("*.so"))
+    info = json.loads((package / "_build_info.json").read_text())
+    assert info == {"extensions": False, "version": "0.1.0"}
+    show_requires = """
+        import importlib.metadata as metadata
+        print("requires:", [r for r in metadata.requires("fused_opt") if "extra" not in r])
+    """
+    code = TRAIN_ON_WHATEVER_LOADS + textwrap.dedent(show_requires)
+    out = run_installed(python, code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "warnings: 1" in out.stdout and "FUSED_OPT_BUILD_EXT=0" in out.stdout
+    assert "backend: torch equal: True" in out.stdout
+    assert "requires: ['torch>=2.4']" in out.stdout
+
+
+def _variables_in_tables(markdown: str) -> set[str]:
+    rows = re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)? \|", markdown, re.MULTILINE)
+    return {name for row in rows for name in row if name}
+
+
+def test_install_docs_list_exactly_the_variables_setup_py_reads():
+    docstring = (ROOT / "setup.py").read_text().split('"""')[1]
+    rows = re.findall(r"^  ([A-Z_]+)(?:, ([A-Z_]+))?  ", docstring, re.MULTILINE)
+    documented = {name for row in rows for name in row if name}
+    assert {"FUSED_OPT_BUILD_EXT", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "NVCC"} <= documented
+    assert _variables_in_tables((ROOT / "docs" / "INSTALL.md").read_text()) == documented
+    readme_table = _variables_in_tables((ROOT / "README.md").read_text())
+    assert not readme_table or readme_table == documented

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make wheel`: an ahead-of-time binary wheel for the installed torch, checked, with the sdist
+# beside it, ready for the nodes of a cluster (nothing compiles there). See docs/INSTALL.md.
+#
+#   tools/build_wheel.sh [SOURCE_DIR]   SOURCE_DIR: a checkout (default: this one)
+#
+#   WHEEL_DIR  where the wheel and the sdist go (default: wheelhouse/ in this checkout)
+#   PYTHON     the interpreter whose torch the wheel is built against
+#              (default: the active virtual environment's, else .venv's, else python3)
+#   and setup.py's build variables, passed through: FUSED_OPT_CUDA, TORCH_CUDA_ARCH_LIST,
+#   FUSED_OPT_CPU_ISAS, MAX_JOBS, CXX, NVCC.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+source_dir=$(cd "${1:-$repo}" && pwd)
+out=${WHEEL_DIR:-$repo/wheelhouse}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -n "${VIRTUAL_ENV:-}" ]; then PYTHON=$VIRTUAL_ENV/bin/python
+    elif [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python
+    else PYTHON=python3; fi
+fi
+
+# A binary wheel without its binaries is a mistake: fail instead of shipping a pure-Python one.
+export FUSED_OPT_BUILD_EXT=1
+# A wheel serves its users' GPUs, not the builder's: default to setup.py's list of archs.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$(cd "$repo" && "$PYTHON" -c 'import setup; print(setup.DEFAULT_CUDA_ARCHS)')
+    export TORCH_CUDA_ARCH_LIST
+fi
+echo "build_wheel: torch $("$PYTHON" -c 'import torch; print(torch.__version__)')," \
+    "FUSED_OPT_CUDA=${FUSED_OPT_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST," \
+    "MAX_JOBS=${MAX_JOBS:-all cores}"
+
+# pip builds in the source tree: drop the previous wheel's staging area (a module deleted from
+# the sources would otherwise still ship) but keep build/temp.*, the objects, so that a rebuild
+# compiles only what changed.
+rm -rf "$source_dir"/build/lib.* "$source_dir"/build/bdist.*
+raw=$(mktemp -d)
+trap 'rm -rf "$raw"' EXIT
+"$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-cache-dir --wheel-dir "$raw" "$source_dir"
+wheel=$(ls "$raw"/fused_opt-*.whl)
+"$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
+
+# manylinux: the wheel must bundle no library; libtorch and libc10 come from the torch wheel
+# (bundling a second copy would break torch), so they are excluded from the repair.
+if "$PYTHON" -m auditwheel --version >/dev/null 2>&1; then
+    torch_lib=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+    export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    "$PYTHON" -m auditwheel show "$wheel"
+    "$PYTHON" -m auditwheel repair --wheel-dir "$raw/repaired" \
+        --exclude 'libc10*.so' --exclude 'libtorch*.so' --exclude 'libcudart.so*' "$wheel"
+    wheel=$(ls "$raw"/repaired/fused_opt-*.whl)
+    "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
+else
+    echo "build_wheel: auditwheel is not installed (pip install auditwheel): the wheel keeps" \
+        "its linux_x86_64 tag, which PyPI refuses; fine for a private wheelhouse"
+fi
+cp "$wheel" "$out/"
+
+# The sdist, from a checkout only: an unpacked sdist does not make a new one.
+if [ ! -f "$source_dir/PKG-INFO" ]; then
+    (cd "$source_dir" && "$PYTHON" -c 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])' "$out") >/dev/null
+fi
+echo "build_wheel: $out/$(basename "$wheel")"
