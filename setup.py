@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -109,9 +110,55 @@ def cpu_extension(root: Path, isas: list[str]):
 def cuda_extension(root: Path, choice: str, default_archs: str):
     """The fused_opt._C_cuda extension, or None when CUDA is not built.
 
-    Returns (extension, cuda_version, archs).
+    Returns (extension, cuda_version, archs). Needs a CUDA build of torch and a CUDA toolkit
+    (CUDA_HOME or nvcc on PATH); FUSED_OPT_CUDA=1 makes their absence an error, 0 skips CUDA.
+    The archs are TORCH_CUDA_ARCH_LIST, else the visible GPUs', else ``default_archs``; all must
+    be Volta (7.0) or newer, whose large kernel-parameter space the launches rely on.
     """
-    return None
+    if choice == "0":
+        return None
+    import torch
+    from torch.utils import cpp_extension
+
+    problems = []
+    if not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    elif cpp_extension.CUDA_HOME is None:
+        problems.append("no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
+    if problems:
+        if choice == "1":
+            sys.exit("setup.py: FUSED_OPT_CUDA=1 but " + " and ".join(problems))
+        print(f"setup.py: CUDA kernels not built: {' and '.join(problems)}", file=sys.stderr)
+        return None
+
+    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
+    version_text = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", version_text)
+    cuda_version = match.group(1) if match else torch.version.cuda
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs and torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        visible = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        archs = ";".join(f"{major}.{minor}" for major, minor in sorted(visible)) + "+PTX"
+    archs = archs or default_archs
+    arch_list = [a for a in archs.replace(" ", ";").split(";") if a]
+    too_old = [a for a in arch_list if re.match(r"[0-6]\.", a)]  # named archs are Volta+
+    if too_old:
+        sys.exit(f"setup.py: CUDA archs {too_old} predate Volta (7.0), which the kernels need")
+    # torch's builder reads the list from the environment (and fails without a GPU if unset).
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_list)
+
+    cuda = root / "csrc" / "cuda"
+    kernels = [f"csrc/cuda/{path.name}" for path in sorted(cuda.glob("*.cu"))]
+    headers = sorted(cuda.glob("*.cuh")) + [cuda / "fused_kernels.h"]
+    extension = cpp_extension.CUDAExtension(
+        "fused_opt._C_cuda",
+        ["csrc/cuda/ops_cuda.cpp", *kernels],
+        # No fast math: the kernels must round like torch.optim (IEEE division and sqrt).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        depends=[str(path.relative_to(root)) for path in headers],
+    )
+    return extension, cuda_version, arch_list
 
 
 def main() -> None:
