@@ -33,7 +33,8 @@ struct HostBiasCorrections {
 };
 
 struct DeviceStep {
-  const float* step;  // before this step's increment
+  const void* step;  // before this step's increment
+  bool is_double;
 };
 
 // Lists: 0 param, 1 grad (read only), 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq (amsgrad only).
@@ -53,27 +54,20 @@ struct AdamOp {
     double bias_correction1;
     double bias_correction2_sqrt;
     if constexpr (kCapturable) {
-      const double step = static_cast<double>(*tensor.step + 1.0f);  // fp32 add, like torch
+      // The increment in the counter's own precision, like torch's foreach add.
+      const double step = tensor.is_double
+                              ? *static_cast<const double*>(tensor.step) + 1.0
+                              : static_cast<double>(*static_cast<const float*>(tensor.step) + 1.0f);
       bias_correction1 = math::bias_correction(a.beta1, step);
       bias_correction2_sqrt = sqrt(math::bias_correction(a.beta2, step));
     } else {
       bias_correction1 = tensor.bias_correction1;
       bias_correction2_sqrt = tensor.bias_correction2_sqrt;
     }
-    s.one_minus_beta1 = static_cast<Compute>(1.0 - a.beta1);
-    s.beta2 = static_cast<Compute>(a.beta2);
-    s.one_minus_beta2 = static_cast<Compute>(1.0 - a.beta2);
-    s.weight_decay = static_cast<Compute>(a.weight_decay);
-    s.decay_factor = static_cast<Compute>(1.0 - lr * a.weight_decay);
-    s.eps = static_cast<Compute>(a.eps);
-    s.neg_step_size = static_cast<Compute>(-lr / bias_correction1);
-    s.bias_correction2_sqrt = static_cast<Compute>(bias_correction2_sqrt);
-    s.grad_scale = a.grad_scale != nullptr ? static_cast<Compute>(*a.grad_scale) : Compute(1);
-    s.has_weight_decay = a.weight_decay != 0.0;
-    s.decoupled_weight_decay = a.decoupled_weight_decay;
-    s.has_grad_scale = a.grad_scale != nullptr;
-    s.maximize = a.maximize;
-    s.amsgrad = kAmsgrad;
+    s = math::make_adam_scalars<Compute>(
+        lr, a.beta1, a.beta2, a.weight_decay, a.eps, bias_correction1, bias_correction2_sqrt,
+        kAmsgrad, a.maximize, a.decoupled_weight_decay, a.grad_scale != nullptr,
+        a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
   }
 
   __device__ __forceinline__ void operator()(Compute (&x)[kLists]) const {
@@ -101,6 +95,7 @@ cudaError_t launch_adam_group(const AdamTensor* tensors, int64_t count, DType dt
     slot.numel = t.numel;
     if constexpr (kCapturable) {
       slot.per_tensor.step = t.device_step;
+      slot.per_tensor.is_double = t.device_step_is_double;
     } else {
       slot.per_tensor.bias_correction1 = math::bias_correction(args.beta1, t.step);
       slot.per_tensor.bias_correction2_sqrt = sqrt(math::bias_correction(args.beta2, t.step));
@@ -126,17 +121,19 @@ struct AdamLauncher {
 };
 
 // ---- capturable step counters ------------------------------------------------------------------
-constexpr int kStepsPerLaunch = static_cast<int>((kKernelParamBytes - 64) / sizeof(float*));
+constexpr int kStepsPerLaunch = static_cast<int>((kKernelParamBytes - 64) / sizeof(void*));
 
 struct StepTable {
-  float* steps[kStepsPerLaunch];
+  void* steps[kStepsPerLaunch];
   int32_t count;
 };
 
-__global__ void increment_steps_kernel(const __grid_constant__ StepTable table, const float* found_inf) {
+template <typename S>
+__global__ void increment_steps_kernel(const __grid_constant__ StepTable table,
+                                       const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (i < table.count) *table.steps[i] += 1.0f;
+  if (i < table.count) *static_cast<S*>(table.steps[i]) += S(1);
 }
 
 }  // namespace
@@ -155,8 +152,8 @@ cudaError_t launch_adam(const AdamTensor* tensors, int64_t count, const AdamOpti
   return cudaSuccess;
 }
 
-cudaError_t launch_increment_steps(float* const* steps, int64_t count, const float* found_inf,
-                                   cudaStream_t stream) {
+cudaError_t launch_increment_steps(void* const* steps, int64_t count, bool is_double,
+                                   const float* found_inf, cudaStream_t stream) {
   constexpr int kThreads = 256;
   StepTable table;
   for (int64_t first = 0; first < count; first += kStepsPerLaunch) {
@@ -164,7 +161,11 @@ cudaError_t launch_increment_steps(float* const* steps, int64_t count, const flo
     table.count = static_cast<int32_t>(remaining < kStepsPerLaunch ? remaining : kStepsPerLaunch);
     for (int i = 0; i < table.count; ++i) table.steps[i] = steps[first + i];
     const unsigned blocks = static_cast<unsigned>((table.count + kThreads - 1) / kThreads);
-    increment_steps_kernel<<<blocks, kThreads, 0, stream>>>(table, found_inf);
+    if (is_double) {
+      increment_steps_kernel<double><<<blocks, kThreads, 0, stream>>>(table, found_inf);
+    } else {
+      increment_steps_kernel<float><<<blocks, kThreads, 0, stream>>>(table, found_inf);
+    }
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }

@@ -52,8 +52,10 @@ struct AdamTensor {
   void* max_exp_avg_sq;  // null unless amsgrad
   // Non-capturable: the step count after this step's increment (read on the host).
   double step;
-  // Capturable: the device step counter, read (+1) by the kernel; launch_increment_steps adds 1.
-  const float* device_step;
+  // Capturable: the device step counter (fp32, or fp64 when that is torch's default dtype), read
+  // (+1) by the kernel; launch_increment_steps then adds 1.
+  const void* device_step;
+  bool device_step_is_double;
 };
 
 struct AdamOptions {
@@ -76,9 +78,10 @@ cudaError_t launch_sgd(const SgdTensor* tensors, int64_t count, const SgdOptions
 cudaError_t launch_adam(const AdamTensor* tensors, int64_t count, const AdamOptions& options,
                         cudaStream_t stream);
 
-// Adds 1 to each device step counter unless *found_inf != 0 (capturable Adam, after launch_adam).
-cudaError_t launch_increment_steps(float* const* steps, int64_t count, const float* found_inf,
-                                   cudaStream_t stream);
+// Adds 1 to each device step counter (all fp32, or all fp64) unless *found_inf != 0: capturable
+// Adam, after launch_adam.
+cudaError_t launch_increment_steps(void* const* steps, int64_t count, bool is_double,
+                                   const float* found_inf, cudaStream_t stream);
 
 // How many tensors of each kind one launch carries (for the docs and the launch-count test).
 int max_tensors_per_launch_sgd(bool momentum);

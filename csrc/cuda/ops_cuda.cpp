@@ -196,19 +196,35 @@ struct AdamHyper {
   bool amsgrad, maximize, decoupled_weight_decay;
 };
 
-// Steps are fp32 scalars, all on the CPU (read and incremented here) or all on the params'
-// device (capturable: read and incremented by the kernels). Returns whether they are on the device.
+// Steps are 1-element fp32 tensors (fp64 when torch's default dtype is fp64), all on the CPU
+// (read and incremented here) or all on the params' device (capturable: read and incremented by
+// the kernels). Returns whether they are on the device.
 bool check_steps(const char* op, TensorList steps, const c10::Device& device) {
   const bool on_device = steps[0].device() == device;
   for (size_t i = 0; i < steps.size(); ++i) {
     const Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "fused_opt.", op, ": steps[", i,
-                "] must be a 1-element float32 tensor, got ", s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                "fused_opt.", op, ": steps[", i, "] must be a 1-element float32 or float64 tensor, got ",
+                s.scalar_type(), " ", s.sizes());
     TORCH_CHECK(on_device ? s.device() == device : s.device().is_cpu(), "fused_opt.", op,
                 ": steps[", i, "] is on ", s.device(), "; steps must all be on the CPU or all on ",
                 device, " (capturable)");
   }
   return on_device;
+}
+
+// Host step + 1 in the counter's own precision (torch adds 1 to the tensor).
+double next_host_step(const Tensor& step) {
+  if (step.scalar_type() == at::kDouble) return *step.const_data_ptr<double>() + 1.0;
+  return static_cast<double>(*step.const_data_ptr<float>() + 1.0f);
+}
+
+void store_host_step(const Tensor& step, double value) {
+  if (step.scalar_type() == at::kDouble) {
+    *step.mutable_data_ptr<double>() = value;
+  } else {
+    *step.mutable_data_ptr<float>() = static_cast<float>(value);  // exact: value is a float
+  }
 }
 
 template <typename Lr>
@@ -261,8 +277,8 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   if (!capturable && found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
 
   std::vector<AdamTensor> tensors(n);
-  std::vector<float> new_steps(n);
-  std::vector<float*> device_steps;
+  std::vector<double> new_steps(n);
+  std::vector<void*> device_steps[2];  // fp32 and fp64 counters
   for (size_t i = 0; i < n; ++i) {
     AdamTensor& t = tensors[i];
     t.dtype = dtype_of(params[i], op, i);
@@ -272,12 +288,13 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     t.exp_avg = exp_avgs[i].mutable_data_ptr();
     t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
     t.max_exp_avg_sq = h.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
+    t.device_step_is_double = steps[i].scalar_type() == at::kDouble;
     if (capturable) {
-      device_steps.push_back(steps[i].mutable_data_ptr<float>());
-      t.device_step = device_steps.back();
+      t.device_step = steps[i].mutable_data_ptr();
+      device_steps[t.device_step_is_double].push_back(steps[i].mutable_data_ptr());
       t.step = 0.0;
     } else {
-      new_steps[i] = *steps[i].const_data_ptr<float>() + 1.0f;  // fp32 add, like torch
+      new_steps[i] = next_host_step(steps[i]);
       t.step = new_steps[i];
       t.device_step = nullptr;
     }
@@ -285,11 +302,14 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(op, launch_adam(tensors.data(), static_cast<int64_t>(n), options, stream));
   if (capturable) {
-    check_launch(op, launch_increment_steps(device_steps.data(),
-                                            static_cast<int64_t>(device_steps.size()),
-                                            options.found_inf, stream));
+    for (const bool is_double : {false, true}) {
+      const std::vector<void*>& counters = device_steps[is_double];
+      if (counters.empty()) continue;
+      check_launch(op, launch_increment_steps(counters.data(), static_cast<int64_t>(counters.size()),
+                                              is_double, options.found_inf, stream));
+    }
   } else {
-    for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() = new_steps[i];
+    for (size_t i = 0; i < n; ++i) store_host_step(steps[i], new_steps[i]);
   }
 }
 

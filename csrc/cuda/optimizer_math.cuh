@@ -59,6 +59,26 @@ struct SgdScalars {
   bool is_first_step;
 };
 
+template <typename C>
+FUSED_OPT_HOST_DEVICE SgdScalars<C> make_sgd_scalars(double lr, double weight_decay, double momentum,
+                                                     double dampening, bool nesterov, bool maximize,
+                                                     bool is_first_step, bool has_grad_scale,
+                                                     float grad_scale) {
+  SgdScalars<C> s;
+  s.neg_lr = static_cast<C>(-lr);
+  s.weight_decay = static_cast<C>(weight_decay);
+  s.momentum = static_cast<C>(momentum);
+  s.one_minus_dampening = static_cast<C>(1.0 - dampening);
+  s.grad_scale = static_cast<C>(grad_scale);
+  s.has_weight_decay = weight_decay != 0.0;
+  s.has_momentum = momentum != 0.0;
+  s.has_grad_scale = has_grad_scale;
+  s.nesterov = nesterov;
+  s.maximize = maximize;
+  s.is_first_step = is_first_step;
+  return s;
+}
+
 // One SGD element. `momentum_buffer` is ignored unless s.has_momentum.
 template <typename C>
 FUSED_OPT_HOST_DEVICE void sgd_update(C& param, C grad, C& momentum_buffer, const SgdScalars<C>& s) {
@@ -96,6 +116,32 @@ struct AdamScalars {
   bool amsgrad;
 };
 
+// bias_correction1 = 1 - beta1^step and bias_correction2_sqrt = sqrt(1 - beta2^step), in double.
+template <typename C>
+FUSED_OPT_HOST_DEVICE AdamScalars<C> make_adam_scalars(double lr, double beta1, double beta2,
+                                                       double weight_decay, double eps,
+                                                       double bias_correction1,
+                                                       double bias_correction2_sqrt, bool amsgrad,
+                                                       bool maximize, bool decoupled_weight_decay,
+                                                       bool has_grad_scale, float grad_scale) {
+  AdamScalars<C> s;
+  s.one_minus_beta1 = static_cast<C>(1.0 - beta1);
+  s.beta2 = static_cast<C>(beta2);
+  s.one_minus_beta2 = static_cast<C>(1.0 - beta2);
+  s.weight_decay = static_cast<C>(weight_decay);
+  s.decay_factor = static_cast<C>(1.0 - lr * weight_decay);
+  s.eps = static_cast<C>(eps);
+  s.neg_step_size = static_cast<C>(-lr / bias_correction1);
+  s.bias_correction2_sqrt = static_cast<C>(bias_correction2_sqrt);
+  s.grad_scale = static_cast<C>(grad_scale);
+  s.has_weight_decay = weight_decay != 0.0;
+  s.decoupled_weight_decay = decoupled_weight_decay;
+  s.has_grad_scale = has_grad_scale;
+  s.maximize = maximize;
+  s.amsgrad = amsgrad;
+  return s;
+}
+
 // One Adam/AdamW element. `max_exp_avg_sq` is ignored unless s.amsgrad.
 template <typename C>
 FUSED_OPT_HOST_DEVICE void adam_update(C& param, C grad, C& exp_avg, C& exp_avg_sq, C& max_exp_avg_sq,
@@ -120,7 +166,7 @@ FUSED_OPT_HOST_DEVICE void adam_update(C& param, C grad, C& exp_avg, C& exp_avg_
   param = param + s.neg_step_size * (exp_avg / denom);
 }
 
-// Host-side (double) bias corrections for a step count that already includes this step.
+// 1 - beta^step in double, for a step count that already includes this step.
 FUSED_OPT_HOST_DEVICE double bias_correction(double beta, double step) { return 1.0 - pow(beta, step); }
 
 }  // namespace math

@@ -32,20 +32,11 @@ struct SgdOp {
 
   math::SgdScalars<Compute> s;
 
-  __device__ SgdOp(const Args& a, const PerTensor&) {
-    const double lr = load_learning_rate(a.lr);
-    s.neg_lr = static_cast<Compute>(-lr);
-    s.weight_decay = static_cast<Compute>(a.weight_decay);
-    s.momentum = static_cast<Compute>(a.momentum);
-    s.one_minus_dampening = static_cast<Compute>(1.0 - a.dampening);
-    s.grad_scale = a.grad_scale != nullptr ? static_cast<Compute>(*a.grad_scale) : Compute(1);
-    s.has_weight_decay = a.weight_decay != 0.0;
-    s.has_momentum = kMomentum;
-    s.has_grad_scale = a.grad_scale != nullptr;
-    s.nesterov = a.nesterov;
-    s.maximize = a.maximize;
-    s.is_first_step = a.is_first_step;
-  }
+  __device__ SgdOp(const Args& a, const PerTensor&)
+      : s(math::make_sgd_scalars<Compute>(
+            load_learning_rate(a.lr), a.weight_decay, a.momentum, a.dampening, a.nesterov,
+            a.maximize, a.is_first_step, a.grad_scale != nullptr,
+            a.grad_scale != nullptr ? *a.grad_scale : 1.0f)) {}
 
   __device__ __forceinline__ void operator()(Compute (&x)[kLists]) const {
     if constexpr (kMomentum) {
