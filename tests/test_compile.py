@@ -18,6 +18,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_opt
+import fused_opt.functional
 
 OPTIMIZERS = {
     "SGD": (fused_opt.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}),
@@ -108,9 +109,14 @@ def test_step_compiles_fullgraph_and_matches_eager(name, backend, device):
     assert compiled_lrs == eager_lrs and len(set(eager_lrs)) > 2, "the lr did not change"
     # fullgraph=True raised on any graph break; no new frame once warm (the lr is a tensor).
     assert recorder.frame_count == WARMUP_STEPS
-    # The update is one opaque op per (device, dtype) bucket: here one.
+    # The update is one opaque op per (device, dtype) bucket: here one. (backend="torch" next
+    # to loaded compiled kernels calls the Python kernel itself: dynamo traces its foreach ops.)
     op = "adam_" if name != "SGD" else "sgd_"
-    assert [call.split(".")[1] for call in fused_op_calls(recorder.graphs[-1])] == [op]
+    opaque = isinstance(
+        fused_opt.functional.kernel(op, backend, device), torch._ops.OpOverloadPacket
+    )
+    calls = [call.split(".")[1] for call in fused_op_calls(recorder.graphs[-1])]
+    assert calls == ([op] if opaque else [])
     for ours, theirs in zip(compiled_params, eager_params, strict=True):
         assert torch.equal(ours, theirs)
 
