@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 import warnings
@@ -22,11 +23,13 @@ from .compare import Case, Result, add_floor, add_speedups, run_cases
 from .e2e import LMConfig, run_e2e
 from .implementations import discover
 from .measure import NOISY_SPREAD, Timing, measure_bandwidth
-from .workloads import OPTIMIZERS, WORKLOADS, bytes_per_element
+from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element
 
 RESULTS_DIR = Path(__file__).with_name("results")
 MAIN_OPTIMIZERS = ("sgd-momentum", "sgd-nesterov", "adam", "adamw")
 SGD_AND_ADAMW = ("sgd-momentum", "adamw")
+# The end-to-end loss curves differ only by float rounding; more than this is a real difference.
+E2E_LOSS_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Plan:
     threads: tuple[int, ...]
     bandwidth_elements: int
     e2e: LMConfig | None
+    bandwidth_timing: Timing | None = None  # None: measure_bandwidth's own
 
     def timing_for(self) -> dict[str, Timing]:
         return {w: self.timing.get(w, self.timing["*"]) for w in WORKLOADS}
@@ -64,6 +68,7 @@ def make_plan(mode: str) -> Plan:
             LMConfig(
                 d_model=32, n_layers=1, n_heads=2, context=16, batch=4, steps=4, warmup_steps=1
             ),
+            Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0),
         )
     if mode == "quick":
         cases = _cases(
@@ -201,85 +206,98 @@ def _e2e_optimizers(device: torch.device) -> dict:
     return factories
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    plan = _narrow(make_plan(args.mode), args)
-    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if want_cuda else "cpu")
-    started = time.perf_counter()
-    stamp = dt.datetime.now(dt.timezone.utc)
-    impls, notes = discover(peers=not args.no_peers)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(
-        f"machine: {report.machine(device)}; torch {torch.__version__}; mode {plan.name}",
-        file=sys.stderr,
+def _load_note() -> str | None:
+    """A note when other processes compete for the cores (the 1-minute load average)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= 0.5 * cores:
+        return None
+    return (
+        f"load average {load:.1f} on {cores} cores when the run started: other processes "
+        "compete for the cores, timings are noisy (rerun on an idle machine)"
     )
 
+
+def _measure_all(
+    plan: Plan, impls: list, device: torch.device, notes: list[str]
+) -> tuple[list[Result], dict]:
+    """Every case at every thread count, each thread count with its own bandwidth floor."""
     results: list[Result] = []
     bandwidths = {}
     default_threads = torch.get_num_threads()
     for threads in plan.threads:
         torch.set_num_threads(threads)
-        bw = measure_bandwidth(device, plan.bandwidth_elements)
-        print(
-            f"bandwidth ({threads} threads): {bw.gb_per_s:.1f} GB/s "
-            f"(best of {', '.join(f'{k} {v:.1f}' for k, v in bw.by_pattern.items())})",
-            file=sys.stderr,
-        )
+        before = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in before.by_pattern.items())
+        _progress(f"bandwidth ({threads} threads): {before.gb_per_s:.1f} GB/s (best of {rates})")
         measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads)
         # Measured again at the end: a shift means the machine's load changed during the run.
         # The floor uses the higher of the two: a busy machine must not flatter the results.
-        after = measure_bandwidth(device, plan.bandwidth_elements)
-        floor = max(bw.gb_per_s, after.gb_per_s)
-        drift = abs(after.gb_per_s - bw.gb_per_s) / floor
+        after = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
+        floor = max(before.gb_per_s, after.gb_per_s)
+        drift = abs(after.gb_per_s - before.gb_per_s) / floor
         add_floor(measured, floor)
         results += measured
         bandwidths[threads] = {
             "floor_gb_per_s": floor,
-            "before": bw.as_dict(),
+            "before": before.as_dict(),
             "after": after.as_dict(),
             "drift": drift,
         }
         if drift > NOISY_SPREAD:
             notes.append(
                 f"bandwidth moved {100 * drift:.0f}% during the run ({threads} threads: "
-                f"{bw.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy"
+                f"{before.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy"
             )
     torch.set_num_threads(default_threads)
     add_speedups(results, NOISY_SPREAD)
+    return results, bandwidths
 
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    plan = _narrow(make_plan(args.mode), args)
+    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if want_cuda else "cpu")
+    machine = report.machine(device)
+    command = " ".join(["python -m bench", *argv])
+    stamp = dt.datetime.now(dt.timezone.utc)
+    started = time.perf_counter()
+
+    impls, notes = discover(peers=not args.no_peers)
+    if device.type == "cpu" and (load := _load_note()):
+        notes.append(load)
+    for note in notes:
+        _progress(f"note: {note}")
+    _progress(f"machine: {machine}; torch {torch.__version__}; mode {plan.name}")
+    results, bandwidths = _measure_all(plan, impls, device, notes)
     e2e = run_e2e(_e2e_optimizers(device), plan.e2e, device) if plan.e2e else []
-    if e2e:
-        worst = max(e.max_abs_loss_diff for e in e2e)
-        if worst > 1e-3:
-            notes.append(
-                f"end to end: the loss curves differ by up to {worst:.2e} (expected < 1e-3)"
-            )
-
+    worst = max((e.max_abs_loss_diff for e in e2e), default=0.0)
+    if worst > E2E_LOSS_TOLERANCE:
+        notes.append(f"end to end: the loss curves differ by up to {worst:.2e} (expected < 1e-3)")
     elapsed = time.perf_counter() - started
-    machine_words = report.machine(device)
-    command = "python -m bench" + (
-        ""
-        if argv is None and len(sys.argv) == 1
-        else " " + " ".join(sys.argv[1:] if argv is None else argv)
-    )
+
     headline = (
-        f"{stamp:%Y-%m-%d %H:%M} UTC, {machine_words}, torch {torch.__version__}, "
+        f"{stamp:%Y-%m-%d %H:%M} UTC, {machine}, torch {torch.__version__}, "
         f"`{command}`, {elapsed:.0f} s"
     )
-    floor_bw = ", ".join(
-        f"{t} threads {b['floor_gb_per_s']:.1f} GB/s" for t, b in bandwidths.items()
+    floor = ", ".join(f"{t} threads {b['floor_gb_per_s']:.1f} GB/s" for t, b in bandwidths.items())
+    e2e_head = (
+        f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):" if e2e else ""
     )
-    text = report.table(results)
-    print(f"\n{headline}\nbandwidth floor: {floor_bw}\n\n{text}\n\n{report.NOISE_NOTE}")
+
+    print(f"\n{headline}\nbandwidth floor: {floor}\n\n{report.table(results)}")
+    print(f"\n{report.NOISE_NOTE}")
     if e2e:
-        print(
-            f"\nend to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):\n"
-            f"{report.e2e_table(e2e)}"
-        )
+        print(f"\n{e2e_head}\n{report.e2e_table(e2e)}")
     for note in notes:
         print(f"note: {note}")
 
@@ -287,17 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     base = args.out / f"{stamp:%Y-%m-%d_%H%M}_{report.machine_slug(device)}_{plan.name}"
     payload = {
         "date_utc": stamp.isoformat(timespec="seconds"),
-        "machine": machine_words,
+        "machine": machine,
         "device": device.type,
         "torch": torch.__version__,
         "command": command,
         "mode": plan.name,
         "elapsed_s": elapsed,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "bandwidth": bandwidths,
         "bytes_per_element": {
-            f"{o}/{d}": bytes_per_element(OPTIMIZERS[o], torch_dtype)
+            f"{o}/{d}": bytes_per_element(OPTIMIZERS[o], DTYPES[d])
             for o in OPTIMIZERS
-            for d, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            for d in DTYPES
         },
         "noisy_spread": NOISY_SPREAD,
         "notes": notes,
@@ -308,27 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     report.write_json(base.with_suffix(".json"), payload)
-    md = [
-        f"{headline}",
-        "",
-        f"Bandwidth floor: {floor_bw}.",
-        "",
-        report.table(results, markdown=True),
-    ]
+    md = [headline, "", f"Bandwidth floor: {floor}.", "", report.table(results, markdown=True)]
     if e2e:
-        md += [
-            "",
-            f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):",
-            "",
-            report.e2e_table(e2e, markdown=True),
-        ]
+        md += ["", e2e_head, "", report.e2e_table(e2e, markdown=True)]
     md += [""] + [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
-    report.write_chart(
-        base.with_suffix(".png"),
-        results,
-        e2e,
-        f"fused_opt vs torch.optim — {machine_words} — {stamp:%Y-%m-%d}",
-    )
-    print(f"\nwrote {base}.json, .md and .png", file=sys.stderr)
+    title = f"fused_opt vs torch.optim — {machine} — {stamp:%Y-%m-%d}"
+    report.write_chart(base.with_suffix(".png"), results, e2e, title)
+    _progress(f"\nwrote {base}.json, .md and .png")
     return 0

@@ -101,7 +101,14 @@ def table(results: Sequence[Result], markdown: bool = False) -> str:
 
 
 def e2e_table(results: Sequence[E2EResult], markdown: bool = False) -> str:
-    columns = ["implementation", "ms/iteration", "IQR", "step ms", "step share", "max |loss diff|"]
+    columns = [
+        "implementation",
+        "ms/iteration",
+        "IQR",
+        "step ms",
+        "step share",
+        "max abs loss diff",
+    ]
     rows = [
         [
             e.implementation,
@@ -203,8 +210,9 @@ def write_chart(
         ax_time.set_title(f"end to end: TinyGPT ({e2e[0].params / 1e6:.2f}M params)", fontsize=9)
         ax_time.legend(fontsize=7)
         ax_time.tick_params(axis="y", labelsize=7)
-        for e in e2e:
-            ax_loss.plot(range(1, len(e.losses) + 1), e.losses, label=e.implementation, lw=1)
+        for i, e in enumerate(e2e):  # the curves lie on top of each other: vary the dashes
+            style = ("-", "--", ":", "-.")[i % 4]
+            ax_loss.plot(range(1, len(e.losses) + 1), e.losses, style, label=e.implementation)
         worst = max(e.max_abs_loss_diff for e in e2e)
         ax_loss.set_title(f"training loss (max |difference| {worst:.1e})", fontsize=9)
         ax_loss.set_xlabel("iteration")
