@@ -101,9 +101,63 @@ def from_sdist() -> bool:
 
 
 # ---- CPU kernels (csrc/cpu) -------------------------------------------------------------------
+# Each SIMD variant is one translation unit compiled with its own flags (never -march=native).
+CPU_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+               "-Wno-maybe-uninitialized"],  # a false positive in GCC 12's own headers
+}
+# FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
+CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+
+
 def cpu_extension(root: Path, isas: list[str]):
-    """The fused_opt._C extension: CPU kernels, one object per SIMD variant, and the glue."""
-    raise NotImplementedError("filled in by the CPU kernels work")
+    """The fused_opt._C extension: CPU kernels, one object per SIMD variant, and the glue.
+
+    The glue and the portable baseline are the extension's own sources; each ISA variant's
+    kernels_<isa>.cpp is listed in ``ext.isa_sources`` with its flags and compiled by the
+    build_ext of with_isa_objects() (torch's BuildExtension has one set of flags per extension).
+    """
+    from torch.utils.cpp_extension import CppExtension
+
+    if sys.platform == "win32":  # the ISA flags and cpu detection below are GCC/Clang's
+        isas = []
+    cpu = "csrc/cpu"
+    sources = [f"{cpu}/{name}.cpp" for name in ("ops", "isa", "module", "kernels_baseline")]
+    ext = CppExtension(
+        "fused_opt._C",
+        sources,
+        extra_compile_args=[] if sys.platform == "win32" else CPU_KERNEL_FLAGS,
+        define_macros=[(f"FUSED_OPT_HAVE_{isa.upper()}", "1") for isa in isas],
+        depends=[str(path.relative_to(root)) for path in sorted((root / cpu).glob("*.h"))],
+    )
+    ext.isa_sources = [
+        (f"{cpu}/kernels_{isa}.cpp", CPU_KERNEL_FLAGS + CPU_ISA_FLAGS[isa]) for isa in isas
+    ]
+    return ext
+
+
+def with_isa_objects(build_ext_class):
+    """A build_ext that first compiles an extension's ``isa_sources``, each with its own flags,
+    and links the objects in."""
+
+    class BuildExtWithIsaObjects(build_ext_class):
+        def build_extension(self, ext):
+            isa_objects = []
+            for source, flags in getattr(ext, "isa_sources", ()):
+                isa_objects += self.compiler.compile(
+                    [source],
+                    output_dir=self.build_temp,
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=flags,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = [o for o in ext.extra_objects if o not in isa_objects]
+            ext.extra_objects += isa_objects
+            super().build_extension(ext)
+
+    return BuildExtWithIsaObjects
 
 
 # ---- CUDA kernels (csrc/cuda) ------------------------------------------------------------------
@@ -192,7 +246,9 @@ def main() -> None:
             extension, cuda_version, archs = cuda
             ext_modules.append(extension)
             info.update(cuda_version=cuda_version, cuda_archs=archs)
-        cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
+        cmdclass["build_ext"] = with_isa_objects(BuildExtension).with_options(
+            no_python_abi_suffix=False
+        )
         # The binary works only with the torch minor it was compiled against.
         install_requires = [f"torch=={torch_minor(torch.__version__)}.*"]
         if not from_sdist():

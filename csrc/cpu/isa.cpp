@@ -1,0 +1,100 @@
+#include "isa.h"
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+
+namespace fused_opt_cpu {
+namespace {
+
+bool always() { return true; }
+
+#if defined(FUSED_OPT_HAVE_AVX2) || defined(FUSED_OPT_HAVE_AVX512)
+// __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 register state.
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#endif
+#if defined(FUSED_OPT_HAVE_AVX512)
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+struct Variant {
+  const char* name;
+  const KernelTable* kernels;
+  bool (*runs_here)();
+};
+
+const Variant kVariants[] = {
+    {"baseline", &kBaselineKernels, always},
+#if defined(FUSED_OPT_HAVE_AVX2)
+    {"avx2", &kAvx2Kernels, cpu_has_avx2},
+#endif
+#if defined(FUSED_OPT_HAVE_AVX512)
+    {"avx512", &kAvx512Kernels, cpu_has_avx512},
+#endif
+};
+constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+
+std::atomic<const KernelTable*> g_active{nullptr};
+
+int best_supported() {
+  int best = 0;
+  for (int i = 0; i < kNumVariants; ++i)
+    if (kVariants[i].runs_here()) best = i;
+  return best;
+}
+
+}  // namespace
+
+int compiled_isa_count() { return kNumVariants; }
+const char* compiled_isa_name(int index) { return kVariants[index].name; }
+bool isa_runs_here(int index) { return kVariants[index].runs_here(); }
+
+const char* select_isa(const char* requested) {
+  static char message[256];
+  const int best = best_supported();
+  if (requested == nullptr || requested[0] == '\0') {
+    g_active.store(kVariants[best].kernels);
+    return nullptr;
+  }
+  for (int i = 0; i < kNumVariants; ++i) {
+    if (std::strcmp(kVariants[i].name, requested) != 0) continue;
+    if (kVariants[i].runs_here()) {
+      g_active.store(kVariants[i].kernels);
+      return nullptr;
+    }
+    g_active.store(kVariants[best].kernels);
+    std::snprintf(message, sizeof message,
+                  "fused_opt: this CPU cannot run the %s kernels; using %s instead", requested,
+                  kVariants[best].name);
+    return message;
+  }
+  g_active.store(kVariants[best].kernels);
+  char compiled[64] = "";
+  for (int i = 0; i < kNumVariants; ++i) {
+    if (i > 0) std::strncat(compiled, ", ", sizeof compiled - std::strlen(compiled) - 1);
+    std::strncat(compiled, kVariants[i].name, sizeof compiled - std::strlen(compiled) - 1);
+  }
+  std::snprintf(message, sizeof message,
+                "fused_opt: unknown CPU kernel variant %.40s (compiled: %s); using %s", requested,
+                compiled, kVariants[best].name);
+  return message;
+}
+
+const KernelTable& active_kernels() {
+  const KernelTable* table = g_active.load(std::memory_order_relaxed);
+  if (table == nullptr) {
+    select_isa(nullptr);
+    table = g_active.load();
+  }
+  return *table;
+}
+
+}  // namespace fused_opt_cpu

@@ -1,0 +1,160 @@
+// The optimizer kernels, written once for every SIMD variant and storage dtype.
+//
+// Included inside an ISA namespace after that ISA's simd_<isa>.h, which provides Lanes<S>
+// (load/store of storage type S into its compute vector: fp32 for fp32/bf16/fp16, fp64 for fp64),
+// the vector operators, fmadd, vsqrt and max_nan. Each kernel updates elements [begin, end) of one
+// tensor in a single pass: every input is read once and every output written once, in registers.
+//
+// The operations and their order are torch.optim's for-loop implementation (docs/ARCHITECTURE.md);
+// `x.add_(y, alpha=a)` is computed as fmadd(y, a, x), which is what ATen's vectorised add does.
+// Elements past the last full vector go through the same vector code via small stack buffers, so
+// every element of a tensor gets bitwise the same arithmetic wherever a chunk boundary falls.
+
+// Calls step(at) with `at` = the N streams advanced to each full vector, then once more for the
+// tail, copied into zero-padded stack buffers (null streams stay null; written ones are copied
+// back).
+template <int N, typename S, typename Step>
+inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written)[N], Step step) {
+  constexpr int W = Lanes<S>::kWidth;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    S* at[N];
+    for (int s = 0; s < N; ++s) at[s] = ptrs[s] ? ptrs[s] + i : nullptr;
+    step(at);
+  }
+  if (W > 1 && i < n) {
+    const int64_t rest = n - i;
+    S buffers[N][W];
+    __builtin_memset(buffers, 0, sizeof buffers);
+    S* at[N];
+    for (int s = 0; s < N; ++s) {
+      at[s] = ptrs[s] ? buffers[s] : nullptr;
+      if (ptrs[s]) __builtin_memcpy(buffers[s], ptrs[s] + i, rest * sizeof(S));
+    }
+    step(at);
+    for (int s = 0; s < N; ++s)
+      if (ptrs[s] && written[s]) __builtin_memcpy(ptrs[s] + i, buffers[s], rest * sizeof(S));
+  }
+}
+
+// ---- SGD -------------------------------------------------------------------------------------
+template <typename S, bool kScaled, bool kMomentum>
+void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts& k) {
+  using L = Lanes<S>;
+  using V = typename L::Vec;
+  using C = typename L::Scalar;
+  const V divisor = L::splat(C(k.grad_divisor));
+  const V sign = L::splat(C(k.grad_sign));
+  const V weight_decay = L::splat(C(k.weight_decay));
+  const V momentum = L::splat(C(k.momentum));
+  const V one_minus_dampening = L::splat(C(k.one_minus_dampening));
+  const V neg_lr = L::splat(C(k.neg_lr));
+  const bool decay = k.weight_decay != 0, maximize = k.maximize;
+  const bool nesterov = k.nesterov, first = k.is_first_step;
+
+  S* ptrs[3] = {static_cast<S*>(t.param) + begin,
+                const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
+                kMomentum ? static_cast<S*>(t.momentum_buffer) + begin : nullptr};
+  const bool written[3] = {true, false, true};
+  for_each_vector(end - begin, ptrs, written, [&](S* const* at) {
+    V g = L::load(at[1]);
+    if (kScaled) {
+      g = g / divisor;  // divisor carries the sign when maximize
+    } else if (maximize) {
+      g = g * sign;
+    }
+    V p = L::load(at[0]);
+    if (decay) g = fmadd(p, weight_decay, g);
+    if (kMomentum) {
+      V buf = first ? g : fmadd(g, one_minus_dampening, L::load(at[2]) * momentum);
+      L::store(at[2], buf);
+      g = nesterov ? fmadd(buf, momentum, g) : buf;
+    }
+    L::store(at[0], fmadd(g, neg_lr, p));
+  });
+}
+
+// ---- Adam / AdamW ----------------------------------------------------------------------------
+template <typename S, bool kScaled, int kDecay, bool kAmsgrad>
+void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamConsts& k) {
+  using L = Lanes<S>;
+  using V = typename L::Vec;
+  using C = typename L::Scalar;
+  const V divisor = L::splat(C(k.grad_divisor));
+  const V sign = L::splat(C(k.grad_sign));
+  const V weight_decay = L::splat(C(k.weight_decay));
+  const V decay_factor = L::splat(C(k.decay_factor));
+  // torch's lerp: start + w * (end - start) when |w| < 0.5, else end + (w - 1) * (end - start)
+  // (w - 1 rounded in the compute type, like torch's vectorised lerp).
+  const C weight = C(k.lerp_weight);
+  const bool small_weight = (weight < 0 ? -weight : weight) < C(0.5);
+  const V lerp_coeff = L::splat(small_weight ? weight : weight - C(1));
+  const V beta2 = L::splat(C(k.beta2));
+  const V one_minus_beta2 = L::splat(C(k.one_minus_beta2));
+  const V eps = L::splat(C(k.eps));
+  const V bias_correction2_sqrt = L::splat(C(t.bias_correction2_sqrt));
+  const V neg_step_size = L::splat(C(t.neg_step_size));
+  const bool maximize = k.maximize;
+
+  S* ptrs[5] = {static_cast<S*>(t.param) + begin,
+                const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
+                static_cast<S*>(t.exp_avg) + begin, static_cast<S*>(t.exp_avg_sq) + begin,
+                kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + begin : nullptr};
+  const bool written[5] = {true, false, true, true, true};
+  for_each_vector(end - begin, ptrs, written, [&](S* const* at) {
+    V g = L::load(at[1]);
+    if (kScaled) {
+      g = g / divisor;
+    } else if (maximize) {
+      g = g * sign;
+    }
+    V p = L::load(at[0]);
+    if (kDecay == kDecoupledDecay) p = p * decay_factor;
+    if (kDecay == kL2Decay) g = fmadd(p, weight_decay, g);
+    V m = L::load(at[2]);
+    m = fmadd(lerp_coeff, g - m, small_weight ? m : g);
+    L::store(at[2], m);
+    V v = L::load(at[3]) * beta2;
+    // addcmul_(g, g, value): self + value * t1 * t2; ATen's vectorised loop gets the final
+    // multiply-add contracted into one FMA by the compiler, so we fuse it explicitly.
+    v = fmadd(one_minus_beta2 * g, g, v);
+    L::store(at[3], v);
+    if (kAmsgrad) {
+      v = max_nan(L::load(at[4]), v);
+      L::store(at[4], v);
+    }
+    V denom = vsqrt(v) / bias_correction2_sqrt + eps;
+    L::store(at[0], p + (neg_step_size * m) / denom);  // addcdiv: self + value * t1 / t2
+  });
+}
+
+// ---- the table of one variant ----------------------------------------------------------------
+template <typename S, bool kScaled>
+constexpr void fill_adam(KernelTable& table, int dtype) {
+  table.adam[dtype][kScaled][kNoDecay][0] = &adam_kernel<S, kScaled, kNoDecay, false>;
+  table.adam[dtype][kScaled][kNoDecay][1] = &adam_kernel<S, kScaled, kNoDecay, true>;
+  table.adam[dtype][kScaled][kL2Decay][0] = &adam_kernel<S, kScaled, kL2Decay, false>;
+  table.adam[dtype][kScaled][kL2Decay][1] = &adam_kernel<S, kScaled, kL2Decay, true>;
+  table.adam[dtype][kScaled][kDecoupledDecay][0] = &adam_kernel<S, kScaled, kDecoupledDecay, false>;
+  table.adam[dtype][kScaled][kDecoupledDecay][1] = &adam_kernel<S, kScaled, kDecoupledDecay, true>;
+}
+
+template <typename S>
+constexpr void fill_dtype(KernelTable& table, int dtype) {
+  table.sgd[dtype][0][0] = &sgd_kernel<S, false, false>;
+  table.sgd[dtype][0][1] = &sgd_kernel<S, false, true>;
+  table.sgd[dtype][1][0] = &sgd_kernel<S, true, false>;
+  table.sgd[dtype][1][1] = &sgd_kernel<S, true, true>;
+  fill_adam<S, false>(table, dtype);
+  fill_adam<S, true>(table, dtype);
+}
+
+constexpr KernelTable make_table(const char* name) {
+  KernelTable table{};
+  table.name = name;
+  fill_dtype<float>(table, kFloat32);
+  fill_dtype<double>(table, kFloat64);
+  fill_dtype<bf16>(table, kBFloat16);
+  fill_dtype<half>(table, kFloat16);
+  return table;
+}

@@ -1,0 +1,95 @@
+// AVX-512 vectors for the kernels: 16 floats or 8 doubles per register.
+// Included inside namespace fused_opt_cpu::avx512 (see kernels_avx512.cpp), after <immintrin.h>.
+
+struct VF {
+  __m512 v;
+};
+struct VD {
+  __m512d v;
+};
+
+inline VF operator+(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VF operator-(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VF operator*(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VF operator/(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }  // a*b+c, one rounding
+inline VF vsqrt(VF a) { return {_mm512_sqrt_ps(a.v)}; }
+// max that returns NaN when either input is NaN (torch.maximum); max_ps alone returns b then.
+inline VF max_nan(VF a, VF b) {
+  __mmask16 a_is_nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+  return {_mm512_mask_blend_ps(a_is_nan, _mm512_max_ps(a.v, b.v), a.v)};
+}
+
+inline VD operator+(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
+inline VD operator-(VD a, VD b) { return {_mm512_sub_pd(a.v, b.v)}; }
+inline VD operator*(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
+inline VD operator/(VD a, VD b) { return {_mm512_div_pd(a.v, b.v)}; }
+inline VD fmadd(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+inline VD vsqrt(VD a) { return {_mm512_sqrt_pd(a.v)}; }
+inline VD max_nan(VD a, VD b) {
+  __mmask8 a_is_nan = _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q);
+  return {_mm512_mask_blend_pd(a_is_nan, _mm512_max_pd(a.v, b.v), a.v)};
+}
+
+// Lanes<S>: how a storage type S is loaded into / stored from its compute vector.
+template <typename S>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  using Vec = VF;
+  using Scalar = float;
+  static constexpr int kWidth = 16;
+  static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static void store(float* p, Vec x) { _mm512_storeu_ps(p, x.v); }
+};
+
+template <>
+struct Lanes<double> {
+  using Vec = VD;
+  using Scalar = double;
+  static constexpr int kWidth = 8;
+  static Vec splat(double x) { return {_mm512_set1_pd(x)}; }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static void store(double* p, Vec x) { _mm512_storeu_pd(p, x.v); }
+};
+
+template <>
+struct Lanes<bf16> {
+  using Vec = VF;
+  using Scalar = float;
+  static constexpr int kWidth = 16;
+  static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
+  // bf16 is the top half of an fp32: widen and shift.
+  static Vec load(const bf16* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+  }
+  // Round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate. NaN would carry
+  // into the exponent, so NaNs are replaced by the quiet NaN 0x7FC0 (what c10::BFloat16 stores).
+  static void store(bf16* p, Vec x) {
+    __m512i bits = _mm512_castps_si512(x.v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    rounded = _mm512_srli_epi32(rounded, 16);
+    __mmask16 is_nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  }
+};
+
+template <>
+struct Lanes<half> {
+  using Vec = VF;
+  using Scalar = float;
+  static constexpr int kWidth = 16;
+  static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static void store(half* p, Vec x) {
+    __m256i h = _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+};
