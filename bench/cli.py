@@ -30,6 +30,9 @@ MAIN_OPTIMIZERS = ("sgd-momentum", "sgd-nesterov", "adam", "adamw")
 SGD_AND_ADAMW = ("sgd-momentum", "adamw")
 # The end-to-end loss curves differ only by float rounding; more than this is a real difference.
 E2E_LOSS_TOLERANCE = 1e-3
+SUMMARY_HEAD = (
+    "Summary: median ms (fraction of the floor) speed-up over the fastest torch.optim mode"
+)
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     print(f"\n{headline}\nbandwidth floor: {floor}\n\n{report.table(results)}")
+    print(f"\n{SUMMARY_HEAD}\n\n{report.summary_table(results)}")
     print(f"\n{report.NOISE_NOTE}")
     if e2e:
         print(f"\n{e2e_head}\n{report.e2e_table(e2e)}")
@@ -327,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     report.write_json(base.with_suffix(".json"), payload)
-    md = [headline, "", f"Bandwidth floor: {floor}.", "", report.table(results, markdown=True)]
+    md = [headline, "", f"Bandwidth floor: {floor}.", "", SUMMARY_HEAD, ""]
+    md += [report.summary_table(results, markdown=True), "", "All results:", ""]
+    md += [report.table(results, markdown=True)]
     if e2e:
         md += ["", e2e_head, "", report.e2e_table(e2e, markdown=True)]
     md += [""] + [f"- {n}" for n in [report.NOISE_NOTE, *notes]]

@@ -82,6 +82,7 @@ def run_cases(
     done = 0
     started = time.perf_counter()
     results: list[Result] = []
+    broken: dict[str, str] = {}
     for case in cases:
         workload, dtype = WORKLOADS[case.workload], DTYPES[case.dtype]
         params, grads = make_tensors(workload, dtype, device)
@@ -106,13 +107,15 @@ def run_cases(
                     nbytes,
                 )
                 results.append(result)
-                result.skipped = impl.unsupported(spec, dtype, device)
+                result.skipped = broken.get(impl.name) or impl.unsupported(spec, dtype, device)
                 if result.skipped is None:
                     try:
                         optimizer = impl.build(spec, params)
                         samples = time_calls(optimizer.step, device, timing[case.workload])
                     except Exception as exc:  # report and go on: one peer must not sink the run
                         result.skipped = f"failed: {type(exc).__name__}: {exc}"[:200]
+                        if impl.family == "peer":  # e.g. a JIT build that fails: try it once
+                            broken[impl.name] = f"failed earlier: {type(exc).__name__}"
                     else:
                         _fill(result, samples.median, samples.iqr, len(samples.seconds))
                     finally:

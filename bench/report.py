@@ -100,6 +100,37 @@ def table(results: Sequence[Result], markdown: bool = False) -> str:
     return _layout(columns, [_row(r, threads_col) for r in results], markdown, breaks)
 
 
+def summary_table(results: Sequence[Result], markdown: bool = False) -> str:
+    """One row per case: the floor, the fastest torch.optim mode, then every other implementation
+    as 'ms (fraction of floor) speed-up'."""
+    cases: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.median_ms is not None:
+            cases.setdefault((r.workload, r.dtype, r.optimizer, r.threads), []).append(r)
+    others = list(dict.fromkeys(r.implementation for r in results if r.family != "torch.optim"))
+    threads_col = len({key[3] for key in cases}) > 1
+    columns = ["workload", "dtype", "optimizer"] + ["threads"] * threads_col
+    columns += ["floor ms", "best torch.optim", *others]
+    rows = []
+    for (workload, dtype, optimizer, threads), rs in cases.items():
+        torch_rows = [r for r in rs if r.family == "torch.optim"]
+        if not torch_rows:
+            continue
+        best = min(torch_rows, key=lambda r: r.median_ms)
+        row = [workload, dtype, optimizer] + [str(threads)] * threads_col
+        row += [f"{best.floor_ms:.3f}", f"{best.median_ms:.3f} ({best.implementation[6:]})"]
+        for name in others:
+            r = next((r for r in rs if r.implementation == name), None)
+            row.append(
+                "-"
+                if r is None
+                else f"{r.median_ms:.3f} ({100 * r.floor_fraction:.0f}%) "
+                f"{r.speedup:.2f}x{' ~' if r.noisy else ''}"
+            )
+        rows.append(row)
+    return _layout(columns, rows, markdown, set())
+
+
 def e2e_table(results: Sequence[E2EResult], markdown: bool = False) -> str:
     columns = [
         "implementation",
