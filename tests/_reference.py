@@ -43,10 +43,14 @@ def make_params(
 ) -> list[Tensor]:
     """Leaf tensors with random values, drawn in fp32 and cast, so every dtype sees the same."""
     gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        for shape in shapes
-    ]
+    params = []
+    for shape in shapes:
+        if dtype.is_complex:
+            value = torch.view_as_complex(torch.randn((*shape, 2), generator=gen))
+        else:
+            value = torch.randn(shape, generator=gen)
+        params.append(value.to(device=device, dtype=dtype).requires_grad_())
+    return params
 
 
 def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
