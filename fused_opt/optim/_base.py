@@ -192,7 +192,7 @@ class FusedOptimizer:
         by_key: dict[tuple, list[int]] = {}
         for i in with_grad:
             p = params[i]
-            has_state = self._has_state(self.state[p])  # type: ignore[attr-defined]
+            has_state = self._has_state(self.state.get(p, {}))  # type: ignore[attr-defined]
             by_key.setdefault((p.device, p.dtype, has_state), []).append(i)
         buckets = []
         for (device, _, _), index in by_key.items():
