@@ -1,0 +1,219 @@
+"""state_dict: torch.optim's exact format, lossless both ways, resumable bit for bit.
+
+A checkpoint written by fused_opt loads into torch.optim and one written by torch.optim loads
+here; ``torch.load(weights_only=True)`` and ``map_location`` work; an optimizer survives deepcopy
+and pickle. (Resuming a realistic loop in a new process is tests/test_resume.py.)
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from _reference import (
+    FUSED_CLASSES,
+    TIGHT,
+    TORCH_CLASSES,
+    assert_same_state,
+    clone_params,
+    grad_stream,
+    make_params,
+    set_grads,
+    train,
+)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+SHAPES = [(), (5,), (17,), (3, 4)]
+FP32 = TIGHT[torch.float32]
+BITWISE = {"rtol": 0, "atol": 0}
+CONFIGS = [
+    pytest.param("SGD", dict(lr=0.05), id="SGD"),
+    pytest.param("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+                 id="SGD-momentum"),
+    pytest.param("Adam", dict(lr=0.05), id="Adam"),
+    pytest.param("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.01), id="Adam-amsgrad"),
+    pytest.param("Adam", dict(lr=0.05, decoupled_weight_decay=True, weight_decay=0.1),
+                 id="Adam-decoupled"),
+    pytest.param("AdamW", dict(lr=0.05, amsgrad=True), id="AdamW-amsgrad"),
+]  # fmt: skip
+FROZEN = 2  # one param never gets a grad: it has no state entry
+
+
+def _frozen_stream(params: list[torch.Tensor], seed: int = 1):
+    for grads in grad_stream(params, seed):
+        grads[FROZEN] = None
+        yield grads
+
+
+def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, grads) -> None:
+    for _ in range(steps):
+        set_grads(params, next(grads))
+        opt.step()
+
+
+def _save(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def _load(blob: bytes, cls: type, kwargs: dict[str, Any], map_location=None, **extra: Any):
+    """Params and a new ``cls`` optimizer restored from a checkpoint, as a user resumes."""
+    checkpoint = torch.load(io.BytesIO(blob), weights_only=True, map_location=map_location)
+    params = [p.clone().requires_grad_() for p in checkpoint["params"]]
+    opt = cls(params, **kwargs, **extra)
+    opt.load_state_dict(checkpoint["optimizer"])
+    return opt, params, checkpoint["optimizer"]
+
+
+def _assert_state_dicts_equal(actual: dict, expected: dict) -> None:
+    """Same structure, same hyper-parameters, same tensors bit for bit (dtype and device too)."""
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert actual["state"][index].keys() == state.keys(), index
+        for key, value in state.items():
+            torch.testing.assert_close(actual["state"][index][key], value, **BITWISE)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_state_dict_has_torch_optims_format(name, kwargs, backend, device):
+    params = make_params(SHAPES, device=device)
+    ours_params, ref_params = clone_params(params), clone_params(params)
+    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
+    ref = TORCH_CLASSES[name](ref_params, **kwargs)
+    for opt, ps in ((ours, ours_params), (ref, ref_params)):
+        _train(opt, ps, 3, _frozen_stream(params))
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() == {"state", "param_groups"}
+    assert sd["param_groups"] == ref_sd["param_groups"]
+    assert sd["state"].keys() == ref_sd["state"].keys()
+    assert FROZEN not in sd["state"]
+    for index, ref_state in ref_sd["state"].items():
+        state = sd["state"][index]
+        assert state.keys() == ref_state.keys(), index
+        for key, value in ref_state.items():
+            if key == "step":  # a float32 scalar tensor on the CPU, as torch.optim keeps it
+                assert state[key].dtype == torch.float32 and state[key].shape == ()
+                assert state[key].device == value.device == torch.device("cpu")
+            else:
+                assert (state[key].dtype, state[key].device) == (value.dtype, value.device)
+            torch.testing.assert_close(state[key], value, **FP32)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_resume_from_a_checkpoint_is_bitwise_an_uninterrupted_run(name, kwargs, backend, device):
+    params = make_params(SHAPES, device=device)
+    cls = FUSED_CLASSES[name]
+    whole_params = clone_params(params)
+    whole = cls(whole_params, backend=backend, **kwargs)
+    _train(whole, whole_params, 10, _frozen_stream(params))
+
+    first_params = clone_params(params)
+    first = cls(first_params, backend=backend, **kwargs)
+    grads = _frozen_stream(params)
+    _train(first, first_params, 5, grads)
+    resumed, resumed_params, checkpoint = _load(
+        _save(first, first_params), cls, kwargs, backend=backend
+    )
+    _assert_state_dicts_equal(resumed.state_dict(), checkpoint)
+    _train(resumed, resumed_params, 5, grads)
+    assert_same_state(resumed, resumed_params, whole, whole_params, **BITWISE)
+
+
+@pytest.mark.parametrize("direction", ["fused_opt-to-torch", "torch-to-fused_opt"])
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_checkpoint_moves_between_fused_opt_and_torch_optim(
+    name, kwargs, direction, backend, device
+):
+    params = make_params(SHAPES, device=device)
+    ours = (FUSED_CLASSES[name], {"backend": backend})
+    theirs = (TORCH_CLASSES[name], {"foreach": False})
+    (writer, writer_extra), (reader, reader_extra) = (
+        (ours, theirs) if direction == "fused_opt-to-torch" else (theirs, ours)
+    )
+    whole_params = clone_params(params)
+    whole = writer(whole_params, **kwargs, **writer_extra)
+    _train(whole, whole_params, 10, _frozen_stream(params))
+
+    first_params = clone_params(params)
+    first = writer(first_params, **kwargs, **writer_extra)
+    grads = _frozen_stream(params)
+    _train(first, first_params, 5, grads)
+    resumed, resumed_params, checkpoint = _load(
+        _save(first, first_params), reader, kwargs, **reader_extra
+    )
+    # Loading is lossless (only the `foreach` flag differs, and it is the reader's own) ...
+    sd = resumed.state_dict()
+    for group in sd["param_groups"]:
+        group["foreach"] = checkpoint["param_groups"][0]["foreach"]
+    _assert_state_dicts_equal(sd, checkpoint)
+    # ... and training continues as if the writer had never stopped.
+    _train(resumed, resumed_params, 5, grads)
+    assert_same_state(resumed, resumed_params, whole, whole_params, **FP32)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_load_with_map_location(name, kwargs, backend, device):
+    """A checkpoint written on one device resumes on ``device`` (CPU -> CPU, CPU -> CUDA)."""
+    params = make_params(SHAPES)
+    cpu_params = clone_params(params)
+    cls = FUSED_CLASSES[name]
+    writer = cls(cpu_params, backend="torch", **kwargs)
+    grads = _frozen_stream(params)
+    _train(writer, cpu_params, 4, grads)
+    blob = _save(writer, cpu_params)
+    resumed, resumed_params, _ = _load(blob, cls, kwargs, map_location=str(device), backend=backend)
+    assert all(p.device == device for p in resumed_params)
+    for state in resumed.state.values():
+        for key, value in state.items():
+            if key != "step":
+                assert value.device == device
+    later = [next(grads) for _ in range(4)]
+    _train(writer, cpu_params, 4, iter(later))
+    _train(
+        resumed, resumed_params, 4, ([g if g is None else g.to(device) for g in gs] for gs in later)
+    )
+    for p, q in zip(resumed_params, cpu_params, strict=True):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), **FP32)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_loading_an_older_state_dict_into_a_running_optimizer(name, kwargs, backend, device):
+    """Rolling back mid-run: nothing cached from the later steps survives the load."""
+    params = make_params(SHAPES, device=device)
+    cls = FUSED_CLASSES[name]
+    run_params = clone_params(params)
+    opt = cls(run_params, backend=backend, **kwargs)
+    _train(opt, run_params, 3, _frozen_stream(params))
+    blob = _save(opt, run_params)
+    _train(opt, run_params, 3, _frozen_stream(params, seed=5))
+
+    checkpoint = torch.load(io.BytesIO(blob), weights_only=True)
+    with torch.no_grad():
+        for p, saved in zip(run_params, checkpoint["params"], strict=True):
+            p.copy_(saved)
+    opt.load_state_dict(checkpoint["optimizer"])
+    fresh, fresh_params, _ = _load(blob, cls, kwargs, backend=backend)
+    for o, ps in ((opt, run_params), (fresh, fresh_params)):
+        _train(o, ps, 4, _frozen_stream(params, seed=9))
+    assert_same_state(opt, run_params, fresh, fresh_params, **BITWISE)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_optimizer_survives_deepcopy_and_pickle(name, kwargs, how, backend, device):
+    params = make_params(SHAPES, device=device)
+    opt = FUSED_CLASSES[name](params, backend=backend, **kwargs)
+    train([(opt, params)], 3)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_params = twin.param_groups[0]["params"]
+    assert twin.backend == opt.backend == backend
+    assert all(p is not q for p, q in zip(twin_params, params, strict=True))
+    train([(opt, params), (twin, twin_params)], 4, seed=3)
+    assert_same_state(twin, twin_params, opt, params, **BITWISE)
