@@ -574,3 +574,20 @@ def test_invalid_inputs_raise_before_anything_changes():
         sgd(good, found_inf=torch.tensor(0.0))  # on the CPU
     for a, b in zip(p, before, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_capturing_a_step_with_host_step_counts_raises():
+    p, g, m, v = ([torch.rand(100, device="cuda")] for _ in range(4))
+    steps = [torch.tensor(0.0)]  # on the CPU: not capturable
+    kwargs = dict(
+        lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+        maximize=False, decoupled_weight_decay=False,
+    )  # fmt: skip
+    torch.ops.fused_opt.adam_(p, g, m, v, [], steps, **kwargs)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            torch.ops.fused_opt.adam_(p, g, m, v, [], steps, **kwargs)
+    assert steps[0].item() == 1.0

@@ -114,8 +114,7 @@ LearningRate learning_rate(const char* op, const Tensor& lr, const c10::Device& 
 }
 
 void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, "fused_opt.", op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, "fused_opt.", op, ": CUDA error: ", cudaGetErrorString(error));
 }
 
 // ---- SGD ------------------------------------------------------------------------------------
@@ -272,9 +271,17 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
 
   const c10::cuda::CUDAGuard guard(device);
-  // Host step counts cannot depend on a device flag without reading it: the one synchronisation
-  // of the non-capturable path, and only when a GradScaler passes found_inf.
-  if (!capturable && found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  if (!capturable) {
+    // A graph would replay the host step counts of the capture: refuse instead.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    check_launch(op, cudaStreamIsCapturing(stream, &capture));
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "fused_opt.", op,
+                ": capturing a CUDA graph needs the steps on the device (capturable=True)");
+    // Host step counts cannot depend on a device flag without reading it: the one
+    // synchronisation of the non-capturable path, and only when a GradScaler passes found_inf.
+    if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  }
 
   std::vector<AdamTensor> tensors(n);
   std::vector<double> new_steps(n);
@@ -299,7 +306,6 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
       t.device_step = nullptr;
     }
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(op, launch_adam(tensors.data(), static_cast<int64_t>(n), options, stream));
   if (capturable) {
     for (const bool is_double : {false, true}) {
