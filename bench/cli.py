@@ -64,7 +64,7 @@ def make_plan(mode: str) -> Plan:
     if mode == "smoke":
         return Plan(
             "smoke",
-            (Case("tiny", "fp32", SGD_AND_ADAMW),),
+            (Case("tiny-100", "fp32", SGD_AND_ADAMW),),
             {"*": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
             (_threads_all(),),
             2**22,

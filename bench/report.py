@@ -210,7 +210,7 @@ def write_chart(
     flat = list(axes.flat)
     for ax, workload in zip(flat, workloads, strict=False):
         rows = [r for r in timed if r.workload == workload]
-        if workload == "tiny":
+        if workload.startswith("tiny"):
             _bar_panel(
                 ax,
                 rows,

@@ -58,10 +58,6 @@ class Workload:
     def tensors(self) -> int:
         return len(self.shapes)
 
-    def scaled(self, name: str, count: int) -> Workload:
-        """The same kind of set with ``count`` tensors (only for uniform sets)."""
-        return Workload(name, (self.shapes[0],) * count, self.about)
-
 
 def _large(elements: int) -> Workload:
     label = f"{elements // 2**20}M" if elements >= 2**20 else f"{elements // 2**10}K"
@@ -74,6 +70,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("gpt2-small", tuple(gpt2_small_shapes()), "GPT-2 small: 124M params, 148 tensors"),
         Workload("many-small", ((4096,),) * 2000, "2000 tensors of 4096"),
         Workload("tiny", ((16,),) * 2000, "2000 tensors of 16: per-step overhead"),
+        Workload("tiny-100", ((16,),) * 100, "100 tensors of 16: the test suite's smoke run"),
         _large(2**25),
         _large(2**22),
         _large(2**27),

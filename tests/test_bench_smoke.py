@@ -8,6 +8,7 @@ loss curves of torch.optim.AdamW and fused_opt.AdamW match.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,11 @@ from bench.workloads import OPTIMIZERS, WORKLOADS, OptimizerSpec, bytes_per_elem
 
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    # One thread: on a machine shared with other jobs, threads waiting on each other at every
+    # op's barrier would make these seconds-long runs minutes long.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
