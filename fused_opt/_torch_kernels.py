@@ -36,6 +36,11 @@ def check_tensor_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> 
                     f"fused_opt.{op}: {name}[{i}] has shape {tuple(t.shape)} on {t.device}, "
                     f"expected {tuple(p.shape)} on {p.device} like params[{i}]"
                 )
+            if t.dtype != p.dtype:
+                raise RuntimeError(
+                    f"fused_opt.{op}: {name}[{i}] has dtype {t.dtype}, "
+                    f"expected {p.dtype} like params[{i}]"
+                )
 
 
 def _skip_step(found_inf: Tensor | None) -> bool:
