@@ -1,7 +1,7 @@
 """Functional API: one fused step over lists of tensors, grouped by (device, dtype).
 
-The optimizer classes cache the grouping across steps and call ``launch_sgd`` / ``launch_adam``
-directly; ``sgd()`` and ``adam()`` are the stateless entry points for custom loops.
+The optimizer classes cache the grouping across steps and call ``kernel()``'s choice directly;
+``sgd()`` and ``adam()`` are the stateless entry points for custom loops.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ __all__ = ["adam", "kernel", "sgd"]
 _DEVICE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 
 
-def kernel(op: str, backend: str, device: torch.device) -> Callable[..., None]:
+def kernel(op: str, backend: str, device: torch.device, tensor_lr: bool) -> Callable[..., None]:
     """What runs ``op`` ("sgd_" or "adam_") for ``backend`` on ``device``.
 
-    Always the dispatcher's op, except when the torch backend is forced on a device that has a
-    compiled kernel registered: then the pure-PyTorch kernel is called directly.
+    The dispatcher's op, resolved to its overload up front (resolving it per call costs more
+    than the step on small tensors), except when the torch backend is forced on a device that
+    has a compiled kernel: then the pure-PyTorch kernel is called directly.
     """
     if backend == "torch" and _DEVICE_BACKEND.get(device.type) in _ops.COMPILED:
         return getattr(_torch_kernels, op)
-    return getattr(torch.ops.fused_opt, op)
+    packet = getattr(torch.ops.fused_opt, op)
+    return packet.tensor_lr if tensor_lr else packet.default
 
 
 def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
@@ -69,7 +71,7 @@ def sgd(
     requested = _backends.normalize(backend)
     moved: dict[str, dict] = {"scale": {}, "inf": {}}
     for (device, _), (p, g, buf) in _grouped([params, grads, momentum_buffers]).items():
-        kernel("sgd_", _backends.resolve(requested, device), device)(
+        kernel("sgd_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=lr,
             dampening=dampening, nesterov=nesterov, maximize=maximize,
             is_first_step=is_first_step,
@@ -103,7 +105,7 @@ def adam(
     moved: dict[str, Any] = {"scale": {}, "inf": {}}
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
     for (device, _), (p, g, m, v, vmax, s) in _grouped(lists).items():
-        kernel("adam_", _backends.resolve(requested, device), device)(
+        kernel("adam_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
             eps=eps, amsgrad=amsgrad, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,

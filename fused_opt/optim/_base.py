@@ -38,18 +38,22 @@ def _needs_view(t: Tensor) -> bool:
 class Bucket:
     """The params of one group on one device with one dtype, and their state, ready for a kernel."""
 
-    __slots__ = ("device", "kernel", "index", "owners", "params", "state", "viewed", "first_step")
+    __slots__ = ("device", "kernels", "index", "owners", "params", "state", "viewed", "first_step")
 
-    def __init__(self, device: torch.device, run: Callable[..., None], index: list[int],
+    def __init__(self, device: torch.device, op: str, backend: str, index: list[int],
                  owners: list[Tensor], state: list[list[Tensor]], first_step: bool) -> None:  # fmt: skip
         self.device = device
-        self.kernel = run
+        # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
+        self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
         self.index = index  # positions in group["params"]
         self.owners = owners  # the params themselves (state keys)
         self.viewed = any(_needs_view(p) for p in owners)
         self.params = [kernel_view(p) for p in owners] if self.viewed else owners
         self.state = [[kernel_view(t) for t in ts] for ts in state] if self.viewed else state
         self.first_step = first_step
+
+    def kernel(self, lr: float | Tensor) -> Callable[..., None]:
+        return self.kernels[isinstance(lr, Tensor)]
 
     def grads(self, all_grads: list[Tensor], whole_group: bool) -> list[Tensor]:
         grads = all_grads if whole_group else [all_grads[i] for i in self.index]
@@ -200,7 +204,6 @@ class FusedOptimizer:
             state_lists, first_step = self._state_lists(group, owners)
             backend = _backends.resolve(self._backend_request, device)
             buckets.append(
-                Bucket(device, kernel(self._op, backend, device), index, owners, state_lists,
-                       first_step)  # fmt: skip
+                Bucket(device, self._op, backend, index, owners, state_lists, first_step)
             )
         return Plan(params, missing, flags, buckets)

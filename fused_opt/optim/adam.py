@@ -60,7 +60,7 @@ class _AdamFamily(FusedOptimizer):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
-        bucket.kernel(
+        bucket.kernel(group["lr"])(
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(group["weight_decay"]), eps=group["eps"],

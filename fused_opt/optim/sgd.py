@@ -75,7 +75,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return
             new_buffers = [torch.empty_like(p) for p in bucket.owners]
             buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
-        bucket.kernel(
+        bucket.kernel(group["lr"])(
             bucket.params, grads, buffers,
             weight_decay=float(group["weight_decay"]), momentum=group["momentum"],
             lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
