@@ -111,8 +111,13 @@ def test_backend_comes_from_the_environment_unless_given(monkeypatch):
 
 # ---- hyper-parameters ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_lr_as_a_tensor_matches_torch(name, backend, device):
+def test_tensor_hyperparameters_match_torch(name, backend, device):
+    """lr as a Tensor (and the other hyper-parameters torch accepts as Tensors)."""
     kwargs = {**FULL_STATE[name], "lr": torch.tensor(0.05)}
+    if name == "SGD":
+        kwargs["weight_decay"] = torch.tensor(0.01)
+    else:
+        kwargs["betas"] = (torch.tensor(0.8), torch.tensor(0.99))
     ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device, **kwargs)
 
     def lower_lr(step: int) -> None:  # updated in place, as a scheduler of a Tensor lr does
@@ -452,3 +457,38 @@ def test_differentiable_runs_torch_optims_implementation(name, backend, device):
     opt.step()
     w.sum().backward()
     assert p.grad is not None and p.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_reported_backend_is_the_one_that_runs(name, backend, device):
+    """The torch backend runs aten's foreach ops; a compiled backend runs one fused op instead."""
+    params = make_params(device=device)
+    opt = FUSED_CLASSES[name](params, backend=backend, **FULL_STATE[name])
+    train([(opt, params)], 1)  # the first step creates the state
+    set_grads(params, next(grad_stream(params)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    ran = {event.name for event in prof.events()}
+    foreach_ops = {n for n in ran if n.startswith("aten::_foreach_")}
+    assert opt.backend == backend
+    if backend == "torch":
+        assert foreach_ops, ran
+    else:
+        assert f"fused_opt::{opt._op}" in ran, ran
+        assert not foreach_ops, foreach_ops
+
+
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(fused=True), dict(foreach=False)])
+@pytest.mark.parametrize("name", NAMES)
+def test_foreach_and_fused_flags_are_accepted_and_kept(name, flags, backend, device):
+    """They are stored like torch.optim stores them (checkpoints stay compatible); ``backend``
+    alone chooses what runs."""
+    ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device, **FULL_STATE[name])
+    flagged = FUSED_CLASSES[name](clone_params(ours_params), backend=backend, **flags,
+                                  **FULL_STATE[name])  # fmt: skip
+    ref_flagged = TORCH_CLASSES[name](clone_params(ref_params), **flags, **FULL_STATE[name])
+    assert flagged.state_dict()["param_groups"] == ref_flagged.state_dict()["param_groups"]
+    flagged_params = flagged.param_groups[0]["params"]
+    train([(ours, ours_params), (flagged, flagged_params), (ref, ref_params)], 5)
+    assert_same_state(flagged, flagged_params, ours, ours_params, rtol=0, atol=0)
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)

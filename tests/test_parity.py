@@ -224,3 +224,39 @@ def test_inf_in_exp_avg_follows_torch_lerp(backend, device):
     exp_avg = ours.state[ours_params[2]]["exp_avg"]
     assert exp_avg[:2].isnan().all(), f"expected NaN from lerp, got {exp_avg[:2]}"
     assert_same_state(ours, ours_params, ref, ref_params, **TIGHT[torch.float32])
+
+
+def test_mixed_dtypes_in_one_group(backend, device):
+    """One group holding fp32, fp64, bf16 and fp16 params: each dtype keeps its own contract."""
+    shapes = [(7,), (1023,), (3, 5)]
+    by_dtype = {
+        dtype: make_params(shapes, dtype=dtype, device=device, seed=i)
+        for i, dtype in enumerate([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    }
+    kwargs = dict(lr=0.01, amsgrad=True, weight_decay=0.1)
+    ours_params = [p for params in by_dtype.values() for p in clone_params(params)]
+    ours = FUSED_CLASSES["AdamW"](ours_params, backend=backend, **kwargs)
+    full = [torch.float32, torch.float64]
+    ref_params = [p for d in full for p in clone_params(by_dtype[d])]
+    ref = TORCH_CLASSES["AdamW"](ref_params, foreach=False, **kwargs)
+    oracles = {d: RoundedFp32Oracle("AdamW", by_dtype[d], d, **kwargs) for d in LOW_PRECISION}
+    grads = grad_stream(ours_params)
+    for _ in range(20):
+        step_grads = next(grads)
+        set_grads(ours_params, step_grads)
+        set_grads(ref_params, step_grads[: len(ref_params)])
+        ours.step()
+        ref.step()
+        for k, dtype in enumerate(LOW_PRECISION):
+            start = len(ref_params) + k * len(shapes)
+            oracles[dtype].step(step_grads[start : start + len(shapes)])
+    n = len(shapes)
+    for k, dtype in enumerate(full):
+        part = ours_params[k * n : (k + 1) * n]
+        assert_same_tensors(
+            part, states_of(ours, part), ref_params[k * n : (k + 1) * n],
+            states_of(ref, ref_params[k * n : (k + 1) * n]), **TIGHT[dtype],
+        )  # fmt: skip
+    for k, dtype in enumerate(LOW_PRECISION):
+        part = ours_params[len(ref_params) + k * n :][:n]
+        assert_same_tensors(part, states_of(ours, part), *oracles[dtype].params_and_states())
