@@ -104,8 +104,16 @@ def from_sdist() -> bool:
 # Each SIMD variant is one translation unit compiled with its own flags (never -march=native).
 CPU_ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-               "-Wno-maybe-uninitialized"],  # a false positive in GCC 12's own headers
+    "avx512": [
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-Wno-maybe-uninitialized",
+    ],  # a false positive in GCC 12's own headers
 }
 # FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
 CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]

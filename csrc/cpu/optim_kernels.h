@@ -11,15 +11,15 @@
 // every element of a tensor gets bitwise the same arithmetic wherever a chunk boundary falls.
 
 // Calls step(at) with `at` = the N streams advanced to each full vector, then once more for the
-// tail, copied into zero-padded stack buffers (null streams stay null; written ones are copied
-// back).
+// tail, copied into zero-padded stack buffers (the `written` ones are copied back). Every stream
+// pointer is valid: a kernel passes the param's pointer for a stream it does not use.
 template <int N, typename S, typename Step>
 inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written)[N], Step step) {
   constexpr int W = Lanes<S>::kWidth;
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     S* at[N];
-    for (int s = 0; s < N; ++s) at[s] = ptrs[s] ? ptrs[s] + i : nullptr;
+    for (int s = 0; s < N; ++s) at[s] = ptrs[s] + i;
     step(at);
   }
   if (W > 1 && i < n) {
@@ -28,12 +28,12 @@ inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written
     __builtin_memset(buffers, 0, sizeof buffers);
     S* at[N];
     for (int s = 0; s < N; ++s) {
-      at[s] = ptrs[s] ? buffers[s] : nullptr;
-      if (ptrs[s]) __builtin_memcpy(buffers[s], ptrs[s] + i, rest * sizeof(S));
+      at[s] = buffers[s];
+      __builtin_memcpy(buffers[s], ptrs[s] + i, rest * sizeof(S));
     }
     step(at);
     for (int s = 0; s < N; ++s)
-      if (ptrs[s] && written[s]) __builtin_memcpy(ptrs[s] + i, buffers[s], rest * sizeof(S));
+      if (written[s]) __builtin_memcpy(ptrs[s] + i, buffers[s], rest * sizeof(S));
   }
 }
 
@@ -52,10 +52,10 @@ void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts&
   const bool decay = k.weight_decay != 0, maximize = k.maximize;
   const bool nesterov = k.nesterov, first = k.is_first_step;
 
-  S* ptrs[3] = {static_cast<S*>(t.param) + begin,
-                const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
-                kMomentum ? static_cast<S*>(t.momentum_buffer) + begin : nullptr};
-  const bool written[3] = {true, false, true};
+  S* const param = static_cast<S*>(t.param) + begin;
+  S* const ptrs[3] = {param, const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
+                      kMomentum ? static_cast<S*>(t.momentum_buffer) + begin : param};
+  const bool written[3] = {true, false, kMomentum};
   for_each_vector(end - begin, ptrs, written, [&](S* const* at) {
     V g = L::load(at[1]);
     if (kScaled) {
@@ -96,11 +96,11 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   const V neg_step_size = L::splat(C(t.neg_step_size));
   const bool maximize = k.maximize;
 
-  S* ptrs[5] = {static_cast<S*>(t.param) + begin,
-                const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
-                static_cast<S*>(t.exp_avg) + begin, static_cast<S*>(t.exp_avg_sq) + begin,
-                kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + begin : nullptr};
-  const bool written[5] = {true, false, true, true, true};
+  S* const param = static_cast<S*>(t.param) + begin;
+  S* const ptrs[5] = {param, const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
+                      static_cast<S*>(t.exp_avg) + begin, static_cast<S*>(t.exp_avg_sq) + begin,
+                      kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + begin : param};
+  const bool written[5] = {true, false, true, true, kAmsgrad};
   for_each_vector(end - begin, ptrs, written, [&](S* const* at) {
     V g = L::load(at[1]);
     if (kScaled) {
@@ -112,7 +112,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
     if (kDecay == kDecoupledDecay) p = p * decay_factor;
     if (kDecay == kL2Decay) g = fmadd(p, weight_decay, g);
     V m = L::load(at[2]);
-    m = fmadd(lerp_coeff, g - m, small_weight ? m : g);
+    m = small_weight ? fmadd(lerp_coeff, g - m, m) : fmadd(lerp_coeff, g - m, g);
     L::store(at[2], m);
     V v = L::load(at[3]) * beta2;
     // addcmul_(g, g, value): self + value * t1 * t2; ATen's vectorised loop gets the final
