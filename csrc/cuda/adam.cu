@@ -140,9 +140,9 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepTable table,
 
 cudaError_t launch_adam(const AdamTensor* tensors, int64_t count, const AdamOptions& options,
                         cudaStream_t stream) {
-  const AdamArgs args{options.lr,  options.beta1,      options.beta2,     options.weight_decay,
-                      options.eps, options.grad_scale, options.found_inf, options.maximize,
-                      options.decoupled_weight_decay};
+  const AdamArgs args{options.lr,           options.beta1,    options.beta2,
+                      options.weight_decay, options.eps,      options.grad_scale,
+                      options.found_inf,    options.maximize, options.decoupled_weight_decay};
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;
     const cudaError_t error =

@@ -77,11 +77,17 @@ __device__ __forceinline__ float to_compute(__nv_bfloat16 x) { return __bfloat16
 template <typename T>
 __device__ __forceinline__ T from_compute(typename ComputeTypeOf<T>::type x);
 template <>
-__device__ __forceinline__ float from_compute<float>(float x) { return x; }
+__device__ __forceinline__ float from_compute<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ double from_compute<double>(double x) { return x; }
+__device__ __forceinline__ double from_compute<double>(double x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_compute<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_compute<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
@@ -96,7 +102,8 @@ struct alignas(16) Vector16 {
 // ---- one chunk ------------------------------------------------------------------------------
 // Op provides: Storage, Compute, kLists, writes(list), and operator()(Compute (&x)[kLists]).
 template <typename Op>
-__device__ __forceinline__ void apply_chunk(const Op& op, typename Op::Storage* const (&ptrs)[Op::kLists],
+__device__ __forceinline__ void apply_chunk(const Op& op,
+                                            typename Op::Storage* const (&ptrs)[Op::kLists],
                                             int64_t n) {
   using T = typename Op::Storage;
   using C = typename Op::Compute;
@@ -175,9 +182,9 @@ __device__ __forceinline__ void apply_chunk(const Op& op, typename Op::Storage* 
 // Op::Args must have a `const float* found_inf`: when it points to a non-zero value the launch
 // changes nothing. Op is constructed once per block from the args and its tensor's data.
 template <typename Op>
-__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
-    multi_tensor_apply_kernel(const __grid_constant__ TensorTable<Op::kLists, typename Op::PerTensor> table,
-                              const __grid_constant__ typename Op::Args args) {
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm) multi_tensor_apply_kernel(
+    const __grid_constant__ TensorTable<Op::kLists, typename Op::PerTensor> table,
+    const __grid_constant__ typename Op::Args args) {
   if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;
 
   const int32_t chunk = static_cast<int32_t>(blockIdx.x);
@@ -229,7 +236,8 @@ cudaError_t launch_multi_tensor(int64_t count, Describe describe, const typename
   auto launch = [&]() -> cudaError_t {
     if (table.num_tensors == 0) return cudaSuccess;
     table.chunk_begin[table.num_tensors] = static_cast<int32_t>(chunks);
-    multi_tensor_apply_kernel<Op><<<static_cast<unsigned>(chunks), kBlockSize, 0, stream>>>(table, args);
+    multi_tensor_apply_kernel<Op>
+        <<<static_cast<unsigned>(chunks), kBlockSize, 0, stream>>>(table, args);
     table.num_tensors = 0;
     chunks = 0;
     return cudaGetLastError();

@@ -39,7 +39,8 @@ bool contains_dtype(const TensorDesc* tensors, int64_t count, DType dtype) {
   return false;
 }
 
-constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
+constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16,
+                                DType::kBFloat16};
 
 }  // namespace cuda
 }  // namespace fused_opt

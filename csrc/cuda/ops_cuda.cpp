@@ -68,9 +68,9 @@ void check_like_param(const char* op, const char* name, size_t i, const Tensor& 
                       const Tensor& p) {
   TORCH_CHECK(t.layout() == c10::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
               t.layout(), "; sparse gradients are not supported");
-  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name,
-              "[", i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(),
-              " on ", p.device(), " like params[", i, "]");
+  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name, "[",
+              i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(), " on ",
+              p.device(), " like params[", i, "]");
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
               "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
               "]");
@@ -104,9 +104,10 @@ LearningRate learning_rate(double lr) { return LearningRate{lr, nullptr, false};
 
 // A CPU lr is read here; a device lr is read by the kernels (no synchronisation).
 LearningRate learning_rate(const char* op, const Tensor& lr, const c10::Device& device) {
-  TORCH_CHECK(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
-              "fused_opt.", op, ": lr must be a 1-element float32 or float64 tensor, got ",
-              lr.scalar_type(), " ", lr.sizes());
+  TORCH_CHECK(
+      lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+      "fused_opt.", op, ": lr must be a 1-element float32 or float64 tensor, got ",
+      lr.scalar_type(), " ", lr.sizes());
   if (lr.device().is_cpu()) return learning_rate(lr.item<double>());
   TORCH_CHECK(lr.device() == device, "fused_opt.", op, ": lr is on ", lr.device(),
               ", expected the CPU or the params' device ", device);
@@ -171,9 +172,9 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
 }
 
 void sgd_float_lr(TensorList params, TensorList grads, TensorList momentum_buffers,
-                  double weight_decay, double momentum, double lr, double dampening,
-                  bool nesterov, bool maximize, bool is_first_step,
-                  const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+                  double weight_decay, double momentum, double lr, double dampening, bool nesterov,
+                  bool maximize, bool is_first_step, const std::optional<Tensor>& grad_scale,
+                  const std::optional<Tensor>& found_inf) {
   sgd_cuda(params, grads, momentum_buffers,
            SgdHyper{weight_decay, momentum, dampening, nesterov, maximize, is_first_step}, lr,
            grad_scale, found_inf);
@@ -203,8 +204,9 @@ bool check_steps(const char* op, TensorList steps, const c10::Device& device) {
   for (size_t i = 0; i < steps.size(); ++i) {
     const Tensor& s = steps[i];
     TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "fused_opt.", op, ": steps[", i, "] must be a 1-element float32 or float64 tensor, got ",
-                s.scalar_type(), " ", s.sizes());
+                "fused_opt.", op, ": steps[", i,
+                "] must be a 1-element float32 or float64 tensor, got ", s.scalar_type(), " ",
+                s.sizes());
     TORCH_CHECK(on_device ? s.device() == device : s.device().is_cpu(), "fused_opt.", op,
                 ": steps[", i, "] is on ", s.device(), "; steps must all be on the CPU or all on ",
                 device, " (capturable)");
@@ -311,19 +313,19 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     for (const bool is_double : {false, true}) {
       const std::vector<void*>& counters = device_steps[is_double];
       if (counters.empty()) continue;
-      check_launch(op, launch_increment_steps(counters.data(), static_cast<int64_t>(counters.size()),
-                                              is_double, options.found_inf, stream));
+      check_launch(op,
+                   launch_increment_steps(counters.data(), static_cast<int64_t>(counters.size()),
+                                          is_double, options.found_inf, stream));
     }
   } else {
     for (size_t i = 0; i < n; ++i) store_host_step(steps[i], new_steps[i]);
   }
 }
 
-void adam_float_lr(TensorList params, TensorList grads, TensorList exp_avgs,
-                   TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps, double lr,
-                   double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                   bool maximize, bool decoupled_weight_decay,
-                   const std::optional<Tensor>& grad_scale,
+void adam_float_lr(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   TensorList max_exp_avg_sqs, TensorList steps, double lr, double beta1,
+                   double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                   bool decoupled_weight_decay, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf) {
   adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             AdamHyper{beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},

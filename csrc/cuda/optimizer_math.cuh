@@ -60,8 +60,9 @@ struct SgdScalars {
 };
 
 template <typename C>
-FUSED_OPT_HOST_DEVICE SgdScalars<C> make_sgd_scalars(double lr, double weight_decay, double momentum,
-                                                     double dampening, bool nesterov, bool maximize,
+FUSED_OPT_HOST_DEVICE SgdScalars<C> make_sgd_scalars(double lr, double weight_decay,
+                                                     double momentum, double dampening,
+                                                     bool nesterov, bool maximize,
                                                      bool is_first_step, bool has_grad_scale,
                                                      float grad_scale) {
   SgdScalars<C> s;
@@ -81,7 +82,8 @@ FUSED_OPT_HOST_DEVICE SgdScalars<C> make_sgd_scalars(double lr, double weight_de
 
 // One SGD element. `momentum_buffer` is ignored unless s.has_momentum.
 template <typename C>
-FUSED_OPT_HOST_DEVICE void sgd_update(C& param, C grad, C& momentum_buffer, const SgdScalars<C>& s) {
+FUSED_OPT_HOST_DEVICE void sgd_update(C& param, C grad, C& momentum_buffer,
+                                      const SgdScalars<C>& s) {
   C g = effective_grad(grad, s.has_grad_scale, s.grad_scale, s.maximize);
   if (s.has_weight_decay) g = g + s.weight_decay * param;
   if (s.has_momentum) {
@@ -144,8 +146,8 @@ FUSED_OPT_HOST_DEVICE AdamScalars<C> make_adam_scalars(double lr, double beta1, 
 
 // One Adam/AdamW element. `max_exp_avg_sq` is ignored unless s.amsgrad.
 template <typename C>
-FUSED_OPT_HOST_DEVICE void adam_update(C& param, C grad, C& exp_avg, C& exp_avg_sq, C& max_exp_avg_sq,
-                                       const AdamScalars<C>& s) {
+FUSED_OPT_HOST_DEVICE void adam_update(C& param, C grad, C& exp_avg, C& exp_avg_sq,
+                                       C& max_exp_avg_sq, const AdamScalars<C>& s) {
   C g = effective_grad(grad, s.has_grad_scale, s.grad_scale, s.maximize);
   if (s.has_weight_decay) {
     if (s.decoupled_weight_decay) {
@@ -167,7 +169,9 @@ FUSED_OPT_HOST_DEVICE void adam_update(C& param, C grad, C& exp_avg, C& exp_avg_
 }
 
 // 1 - beta^step in double, for a step count that already includes this step.
-FUSED_OPT_HOST_DEVICE double bias_correction(double beta, double step) { return 1.0 - pow(beta, step); }
+FUSED_OPT_HOST_DEVICE double bias_correction(double beta, double step) {
+  return 1.0 - pow(beta, step);
+}
 
 }  // namespace math
 }  // namespace fused_opt

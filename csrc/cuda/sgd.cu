@@ -33,10 +33,10 @@ struct SgdOp {
   math::SgdScalars<Compute> s;
 
   __device__ SgdOp(const Args& a, const PerTensor&)
-      : s(math::make_sgd_scalars<Compute>(
-            load_learning_rate(a.lr), a.weight_decay, a.momentum, a.dampening, a.nesterov,
-            a.maximize, a.is_first_step, a.grad_scale != nullptr,
-            a.grad_scale != nullptr ? *a.grad_scale : 1.0f)) {}
+      : s(math::make_sgd_scalars<Compute>(load_learning_rate(a.lr), a.weight_decay, a.momentum,
+                                          a.dampening, a.nesterov, a.maximize, a.is_first_step,
+                                          a.grad_scale != nullptr,
+                                          a.grad_scale != nullptr ? *a.grad_scale : 1.0f)) {}
 
   __device__ __forceinline__ void operator()(Compute (&x)[kLists]) const {
     if constexpr (kMomentum) {
@@ -49,8 +49,8 @@ struct SgdOp {
 };
 
 template <typename T, bool kMomentum>
-cudaError_t launch_sgd_group(const SgdTensor* tensors, int64_t count, DType dtype, const SgdArgs& args,
-                             cudaStream_t stream) {
+cudaError_t launch_sgd_group(const SgdTensor* tensors, int64_t count, DType dtype,
+                             const SgdArgs& args, cudaStream_t stream) {
   using Op = SgdOp<T, kMomentum>;
   auto describe = [&](int64_t i, TensorSlot<Op::kLists, NoPerTensorData>& slot) {
     const SgdTensor& t = tensors[i];
@@ -77,9 +77,9 @@ struct SgdLauncher {
 
 cudaError_t launch_sgd(const SgdTensor* tensors, int64_t count, const SgdOptions& options,
                        cudaStream_t stream) {
-  const SgdArgs args{options.lr,         options.weight_decay, options.momentum,
-                     options.dampening,  options.grad_scale,   options.found_inf,
-                     options.nesterov,   options.maximize,     options.is_first_step};
+  const SgdArgs args{options.lr,        options.weight_decay, options.momentum,
+                     options.dampening, options.grad_scale,   options.found_inf,
+                     options.nesterov,  options.maximize,     options.is_first_step};
   const bool momentum = options.momentum != 0.0;
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;

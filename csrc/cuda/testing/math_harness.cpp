@@ -14,8 +14,8 @@ using namespace fused_opt::math;
 
 template <typename C>
 void sgd_step(C* param, const C* grad, C* momentum_buffer, int64_t n, double lr,
-              double weight_decay, double momentum, double dampening, bool nesterov,
-              bool maximize, bool is_first_step, bool has_grad_scale, float grad_scale) {
+              double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+              bool is_first_step, bool has_grad_scale, float grad_scale) {
   const SgdScalars<C> s = make_sgd_scalars<C>(lr, weight_decay, momentum, dampening, nesterov,
                                               maximize, is_first_step, has_grad_scale, grad_scale);
   for (int64_t i = 0; i < n; ++i) {
@@ -30,14 +30,14 @@ void adam_step(C* param, const C* grad, C* exp_avg, C* exp_avg_sq, C* max_exp_av
                bool amsgrad, bool maximize, bool decoupled_weight_decay, bool has_grad_scale,
                float grad_scale) {
   // As the non-capturable launcher does: bias corrections in double on the host.
-  const AdamScalars<C> s = make_adam_scalars<C>(
-      lr, beta1, beta2, weight_decay, eps, bias_correction(beta1, step),
-      std::sqrt(bias_correction(beta2, step)), amsgrad, maximize, decoupled_weight_decay,
-      has_grad_scale, grad_scale);
+  const AdamScalars<C> s =
+      make_adam_scalars<C>(lr, beta1, beta2, weight_decay, eps, bias_correction(beta1, step),
+                           std::sqrt(bias_correction(beta2, step)), amsgrad, maximize,
+                           decoupled_weight_decay, has_grad_scale, grad_scale);
   for (int64_t i = 0; i < n; ++i) {
     C unused = C(0);
-    adam_update(param[i], grad[i], exp_avg[i], exp_avg_sq[i],
-                amsgrad ? max_exp_avg_sq[i] : unused, s);
+    adam_update(param[i], grad[i], exp_avg[i], exp_avg_sq[i], amsgrad ? max_exp_avg_sq[i] : unused,
+                s);
   }
 }
 
