@@ -40,7 +40,7 @@ cuda-check:
 	bash tools/check_cuda.sh
 
 wheel: install
-	bash tools/build_wheel.sh
+	PYTHON=$(PY) bash tools/build_wheel.sh
 
 lint: | $(PY)
 	$(PIP) ruff clang-format

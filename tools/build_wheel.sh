@@ -21,6 +21,7 @@ if [ -z "${PYTHON:-}" ]; then
     elif [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python
     else PYTHON=python3; fi
 fi
+PYTHON=$("$PYTHON" -c 'import sys; print(sys.executable)')  # absolute: the script changes dirs
 
 # A binary wheel without its binaries is a mistake: fail instead of shipping a pure-Python one.
 export FUSED_OPT_BUILD_EXT=1
