@@ -260,6 +260,7 @@ def test_sdist_holds_every_source_and_no_build_output(sdist):
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert sources and sources <= names, f"missing from the sdist: {sorted(sources - names)}"
     assert {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"} <= names
+    assert {"tests/conftest.py", "tools/check_wheel.py", "bench/__init__.py"} <= names  # tests run
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith("build/")]
     assert "fused_opt/_build_info.json" not in names  # each build writes its own
 
