@@ -311,3 +311,14 @@ def test_install_docs_list_exactly_the_variables_setup_py_reads():
     assert _variables_in_tables((ROOT / "docs" / "INSTALL.md").read_text()) == documented
     readme_table = _variables_in_tables((ROOT / "README.md").read_text())
     assert not readme_table or readme_table == documented
+
+
+def test_local_version_label_names_the_torch_minor_and_cuda():
+    spec = importlib.util.spec_from_file_location("fused_opt_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # main() runs only as a script
+    assert setup.local_version_label("2.13.0+cpu", None) == "torch2.13cpu"
+    assert setup.local_version_label("2.11.0+cu130", "13.0") == "torch2.11cu130"
+    assert setup.local_version_label("2.12.1", "12.8.93") == "torch2.12cu128"
+    info = {"torch_version": "2.11.0+cu130", "cuda_version": "13.0"}
+    assert check_wheel.expected_label(info) == "torch2.11cu130"  # the checker agrees
