@@ -260,3 +260,37 @@ def test_mixed_dtypes_in_one_group(backend, device):
     for k, dtype in enumerate(LOW_PRECISION):
         part = ours_params[len(ref_params) + k * n :][:n]
         assert_same_tensors(part, states_of(ours, part), *oracles[dtype].params_and_states())
+
+
+# ---- hyper-parameters at the edges of their ranges ----------------------------------------------
+EDGE_CONFIGS = [
+    ("SGD", dict(lr=0.0, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=1.0, dampening=1.0)),
+    ("SGD", dict(lr=0.1, momentum=0.5, dampening=0.5, weight_decay=1.0)),
+    ("SGD", dict(lr=10.0, momentum=0.99, nesterov=True, weight_decay=1e-8)),
+    ("Adam", dict(lr=0.1, betas=(0.0, 0.0))),
+    ("Adam", dict(lr=0.1, betas=(0.5, 0.5), amsgrad=True)),  # lerp weight exactly 0.5
+    ("Adam", dict(lr=0.1, betas=(0.3, 0.999))),  # lerp weight above 0.5: torch's other formula
+    ("Adam", dict(lr=0.1, betas=(0.9, 0.999), eps=0.0)),
+    ("Adam", dict(lr=0.1, eps=1.0, weight_decay=1.0, maximize=True)),
+    ("Adam", dict(lr=0.0, amsgrad=True)),
+    ("AdamW", dict(lr=0.1, weight_decay=10.0)),  # decay factor 1 - lr * wd = 0
+    ("AdamW", dict(lr=1.0, betas=(0.99, 0.9999), eps=1e-12, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [pytest.param(n, k, id=_config_id(n, k)) for n, k in EDGE_CONFIGS]
+)
+def test_edge_hyperparameters_match_torch(name, kwargs, dtype, backend, device):
+    ours, ours_params, ref, ref_params = _twins(name, kwargs, backend, device, dtype)
+    grads = grad_stream(ours_params)
+    for _ in range(20):
+        step_grads = next(grads)
+        for g in step_grads:  # exact zeros: a zero average, and 0/0 where eps == 0
+            g.view(-1)[::3] = 0.0
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            set_grads(params, step_grads)
+            opt.step()
+    assert_same_state(ours, ours_params, ref, ref_params, **TIGHT[dtype])
