@@ -41,6 +41,9 @@ class Timing:
     min_repeats: int = 7
     max_repeats: int = 50
     budget_s: float = 1.0  # keep sampling until this much time is spent (or max_repeats)
+    # A step that is pathologically slow (a machine busy with other jobs) stops sampling here,
+    # once it has 3 samples, so the run still ends in its time; its spread will show it.
+    limit_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,12 @@ def time_calls(
     sync()
     samples: list[float] = []
     started = time.perf_counter()
-    while len(samples) < timing.max_repeats and (
-        len(samples) < timing.min_repeats or time.perf_counter() - started < timing.budget_s
-    ):
+    while len(samples) < timing.max_repeats:
+        spent = time.perf_counter() - started
+        if len(samples) >= timing.min_repeats and spent >= timing.budget_s:
+            break
+        if len(samples) >= 3 and spent >= timing.limit_s:
+            break
         t0 = time.perf_counter()
         fn()
         sync()

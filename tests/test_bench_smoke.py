@@ -89,6 +89,11 @@ def test_time_calls_warms_up_then_samples_within_the_limits() -> None:
     assert len(calls) == 2 + 6
 
 
+def test_time_calls_stops_a_pathologically_slow_case_after_three_samples() -> None:
+    timing = Timing(warmup=0, min_repeats=10, max_repeats=50, budget_s=0.0, limit_s=0.0)
+    assert len(time_calls(lambda: None, torch.device("cpu"), timing).seconds) == 3
+
+
 def test_comparison_command_smoke_run(tmp_path: Path) -> None:
     proc = _run("-m", "bench", "--smoke", "--no-peers", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
