@@ -29,6 +29,8 @@ from _reference import (
     states_of,
     train,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 STEPS = 50
 
@@ -294,3 +296,58 @@ def test_edge_hyperparameters_match_torch(name, kwargs, dtype, backend, device):
             set_grads(params, step_grads)
             opt.step()
     assert_same_state(ours, ours_params, ref, ref_params, **TIGHT[dtype])
+
+
+# ---- random sizes and hyper-parameters -----------------------------------------------------------
+@st.composite
+def _random_case(draw) -> tuple[str, dict[str, Any], list[tuple[int, ...]], torch.dtype]:
+    name = draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
+    unit = st.floats(0.0, 0.999)
+    if name == "SGD":
+        momentum = draw(st.sampled_from([0.0, draw(unit)]))
+        nesterov = momentum > 0 and draw(st.booleans())
+        kwargs = dict(momentum=momentum, nesterov=nesterov,
+                      dampening=0.0 if nesterov else draw(unit))  # fmt: skip
+    else:
+        kwargs = dict(betas=(draw(unit), draw(unit)), eps=draw(st.floats(1e-10, 1e-2)),
+                      amsgrad=draw(st.booleans()))  # fmt: skip
+        if name == "Adam":
+            kwargs["decoupled_weight_decay"] = draw(st.booleans())
+    kwargs.update(lr=draw(st.floats(1e-4, 1.0)), weight_decay=draw(st.sampled_from([0.0, 0.1])),
+                  maximize=draw(st.booleans()))  # fmt: skip
+    # Sizes around SIMD widths and block edges, empty tensors included.
+    sizes = draw(st.lists(st.integers(0, 300), min_size=1, max_size=6))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, *LOW_PRECISION]))
+    return name, kwargs, [(n,) for n in sizes], dtype
+
+
+# The fixtures only name the backend and device: sharing them across examples is fine.
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(case=_random_case())
+def test_random_sizes_and_hyperparameters_match_torch(case, backend, device):
+    name, kwargs, shapes, dtype = case
+    params = make_params(shapes, dtype=dtype, device=device)
+    ours_params = clone_params(params)
+    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
+    if dtype in LOW_PRECISION:
+        oracle = RoundedFp32Oracle(name, params, dtype, **kwargs)
+    else:
+        ref_params = clone_params(params)
+        ref = TORCH_CLASSES[name](ref_params, foreach=False, **kwargs)
+    grads = grad_stream(params)
+    for _ in range(5):
+        step_grads = next(grads)
+        set_grads(ours_params, step_grads)
+        ours.step()
+        if dtype in LOW_PRECISION:
+            oracle.step(step_grads)
+        else:
+            set_grads(ref_params, step_grads)
+            ref.step()
+    if dtype in LOW_PRECISION:
+        expected = oracle.params_and_states()
+    else:
+        expected = (ref_params, states_of(ref, ref_params))
+    assert_same_tensors(ours_params, states_of(ours, ours_params), *expected,
+                        **TIGHT.get(dtype, {}))  # fmt: skip
