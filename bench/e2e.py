@@ -51,7 +51,7 @@ class LMConfig:
     batch: int = 16
     steps: int = 40
     warmup_steps: int = 5  # trained and in the loss curve, but not timed
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
 
 
