@@ -7,8 +7,9 @@
 #   WHEEL_DIR  where the wheel and the sdist go (default: wheelhouse/ in this checkout)
 #   PYTHON     the interpreter whose torch the wheel is built against
 #              (default: the active virtual environment's, else .venv's, else python3)
-#   and setup.py's build variables, passed through: FUSED_OPT_CUDA, TORCH_CUDA_ARCH_LIST,
-#   FUSED_OPT_CPU_ISAS, MAX_JOBS, CXX, NVCC.
+#   and setup.py's build variables, passed through: FUSED_OPT_CUDA, TORCH_CUDA_ARCH_LIST
+#   (default here: setup.py's list, never the builder's GPUs), MAX_JOBS, CXX, NVCC.
+#   FUSED_OPT_BUILD_EXT is 1 and FUSED_OPT_CPU_ISAS unset (all variants) for a wheel.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +26,11 @@ PYTHON=$("$PYTHON" -c 'import sys; print(sys.executable)')  # absolute: the scri
 
 # A binary wheel without its binaries is a mistake: fail instead of shipping a pure-Python one.
 export FUSED_OPT_BUILD_EXT=1
+# A wheel runs on CPUs its builder never saw: every SIMD variant goes in, run time picks one.
+if [ -n "${FUSED_OPT_CPU_ISAS:-}" ]; then
+    echo "build_wheel: ignoring FUSED_OPT_CPU_ISAS=$FUSED_OPT_CPU_ISAS: a wheel has every variant"
+    unset FUSED_OPT_CPU_ISAS
+fi
 # A wheel serves its users' GPUs, not the builder's: default to setup.py's list of archs.
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST=$(cd "$repo" && "$PYTHON" -c 'import setup; print(setup.DEFAULT_CUDA_ARCHS)')
