@@ -11,6 +11,7 @@ those tests.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import tarfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,16 @@ def sdist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def staged_sdist(sdist) -> Path:
+def staging_lock() -> Iterator[None]:
+    """One test run at a time builds in the staging tree (a shared checkout runs several)."""
+    STAGING.mkdir(parents=True, exist_ok=True)
+    with open(STAGING / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def staged_sdist(sdist, staging_lock) -> Path:
     """The sdist unpacked over the previous run's, keeping its build/ (the compiled objects)."""
     source = STAGING / "src"
     source.mkdir(parents=True, exist_ok=True)
