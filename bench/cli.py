@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     report.write_json(base.with_suffix(".json"), payload)
-    md = [headline, "", f"Bandwidth floor: {floor}.", "", SUMMARY_HEAD, ""]
-    md += [report.summary_table(results, markdown=True), "", "All results:", ""]
-    md += [report.table(results, markdown=True)]
+    md = [headline, "", f"![chart]({base.name}.png)", "", f"Bandwidth floor: {floor}.", ""]
+    md += [SUMMARY_HEAD, "", report.summary_table(results, markdown=True), ""]
     if e2e:
-        md += ["", e2e_head, "", report.e2e_table(e2e, markdown=True)]
-    md += [""] + [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
+        md += [e2e_head, "", report.e2e_table(e2e, markdown=True), ""]
+    md += [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
+    md += ["", "All results:", "", report.table(results, markdown=True)]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     title = f"fused_opt vs torch.optim — {machine} — {stamp:%Y-%m-%d}"
     report.write_chart(base.with_suffix(".png"), results, e2e, title)
