@@ -78,58 +78,94 @@ def test_cuda_sources_compile_for_sm80_and_sm90():
         assert name in result.stdout
 
 
-# ---- without a GPU: the kernels' per-element math, built for the host ------------------------
+# ---- without a GPU: the kernels' code, run by a host emulation of the launches ---------------
+class HostLaunches:
+    """ctypes front end of csrc/cuda/testing/host_harness.cpp.
+
+    ``sgd()`` / ``adam()`` run launch_sgd / launch_adam on the host for fp32 and fp64 tensors: the
+    kernels' own dtype grouping, table packing, chunk lookup, vector and scalar paths and math,
+    every (block, thread) of every launch in turn. They return the number of launches.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+        lib.harness_sgd.restype = lib.harness_adam.restype = i64
+        lib.harness_sgd.argtypes = [i64] + [ptr] * 5 + [f64, ptr, i32] + [f64] * 3 + [i32] * 3
+        lib.harness_sgd.argtypes += [ptr, ptr]
+        lib.harness_adam.argtypes = [i64] + [ptr] * 9 + [i32, f64, ptr, i32] + [f64] * 4
+        lib.harness_adam.argtypes += [i32] * 3 + [ptr, ptr]
+        lib.harness_max_tensors_per_launch.argtypes = [i32, i32]
+
+    def capacity(self, adam: bool, extra_list: bool) -> int:
+        return self.lib.harness_max_tensors_per_launch(adam, extra_list)
+
+    @staticmethod
+    def _array(ctype, values) -> ctypes.Array:
+        return (ctype * max(len(values), 1))(*values)
+
+    def _pointers(self, tensors) -> ctypes.Array | None:
+        return (
+            None
+            if tensors is None
+            else self._array(ctypes.c_void_p, [t.data_ptr() for t in tensors])
+        )
+
+    def _common(self, params):
+        dtypes = self._array(ctypes.c_int, [int(p.dtype == torch.float64) for p in params])
+        numels = self._array(ctypes.c_int64, [p.numel() for p in params])
+        return dtypes, numels
+
+    @staticmethod
+    def _lr(lr):
+        if isinstance(lr, torch.Tensor):
+            return 0.0, lr.data_ptr(), int(lr.dtype == torch.float64)
+        return float(lr), None, 0
+
+    @staticmethod
+    def _scalar(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    def sgd(self, params, grads, bufs, *, lr, weight_decay=0.0, momentum=0.0, dampening=0.0,
+            nesterov=False, maximize=False, is_first_step=False, grad_scale=None,
+            found_inf=None) -> int:  # fmt: skip
+        dtypes, numels = self._common(params)
+        lists = [self._pointers(t) for t in (params, grads, bufs if momentum else None)]
+        return self.lib.harness_sgd(
+            len(params), dtypes, numels, *lists, *self._lr(lr), weight_decay, momentum,
+            dampening, nesterov, maximize, is_first_step, self._scalar(grad_scale),
+            self._scalar(found_inf),
+        )  # fmt: skip
+
+    def adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, lr, new_steps=None,
+             step_tensors=None, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+             amsgrad=False, maximize=False, decoupled=False, grad_scale=None,
+             found_inf=None) -> int:  # fmt: skip
+        dtypes, numels = self._common(params)
+        lists = [self._pointers(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        lists.append(self._pointers(max_exp_avg_sqs) if amsgrad else None)
+        steps = None if new_steps is None else self._array(ctypes.c_double, new_steps)
+        counters = self._pointers(step_tensors)
+        double_steps = int(step_tensors is not None and step_tensors[0].dtype == torch.float64)
+        return self.lib.harness_adam(
+            len(params), dtypes, numels, *lists, steps, counters, double_steps, *self._lr(lr),
+            beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled,
+            self._scalar(grad_scale), self._scalar(found_inf),
+        )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+def host(tmp_path_factory: pytest.TempPathFactory) -> HostLaunches:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("needs a C++ compiler to build the host math harness")
-    library = tmp_path_factory.mktemp("harness") / "math_harness.so"
-    source = ROOT / "csrc" / "cuda" / "testing" / "math_harness.cpp"
+        pytest.skip("needs a C++ compiler to build the host harness")
+    library = tmp_path_factory.mktemp("harness") / "host_harness.so"
+    source = ROOT / "csrc" / "cuda" / "testing" / "host_harness.cpp"
     subprocess.run(
         [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", str(source), "-o", str(library)],
         check=True,
     )
-    lib = ctypes.CDLL(str(library))
-    ptr, i64, f64, i32, f32 = (
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_float,
-    )  # fmt: skip
-    for suffix in ("f32", "f64"):
-        getattr(lib, f"harness_sgd_{suffix}").argtypes = (
-            [ptr] * 3 + [i64] + [f64] * 4 + [i32] * 4 + [f32]
-        )
-        getattr(lib, f"harness_adam_{suffix}").argtypes = (
-            [ptr] * 5 + [i64] + [f64] * 6 + [i32] * 4 + [f32]
-        )
-    return lib
-
-
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _harness_sgd(lib, params, grads, bufs, step, cfg, grad_scale=None):
-    fn = lib.harness_sgd_f64 if params[0].dtype == torch.float64 else lib.harness_sgd_f32
-    for p, g, b in zip(params, grads, bufs, strict=True):
-        fn(
-            p.data_ptr(), g.data_ptr(), _address(b), p.numel(), cfg["lr"],
-            cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.0), cfg.get("dampening", 0.0),
-            cfg.get("nesterov", False), cfg.get("maximize", False), step == 0,
-            grad_scale is not None, grad_scale or 1.0,
-        )  # fmt: skip
-
-
-def _harness_adam(lib, params, grads, state, step, name, cfg, grad_scale=None):
-    fn = lib.harness_adam_f64 if params[0].dtype == torch.float64 else lib.harness_adam_f32
-    beta1, beta2 = cfg.get("betas", (0.9, 0.999))
-    default_wd = 1e-2 if name == "AdamW" else 0.0
-    for p, g, (m, v, vmax) in zip(params, grads, state, strict=True):
-        fn(
-            p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), _address(vmax), p.numel(),
-            float(step + 1), cfg["lr"], beta1, beta2, cfg.get("weight_decay", default_wd),
-            cfg.get("eps", 1e-8), cfg.get("amsgrad", False), cfg.get("maximize", False),
-            name == "AdamW", grad_scale is not None, grad_scale or 1.0,
-        )  # fmt: skip
+    return HostLaunches(ctypes.CDLL(str(library)))
 
 
 def _leaf_params(dtype: torch.dtype, device="cpu", shapes=((5,), (3, 7), (1,)), seed=0):
@@ -145,82 +181,213 @@ def _grad_sequence(params, steps: int, seed: int = 1):
     return [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params] for _ in range(steps)]
 
 
+HOST_SHAPES = ((), (5,), (3, 7), (1023,), (4097,))
+
+
+def _adam_options(name: str, cfg: dict) -> dict:
+    beta1, beta2 = cfg.get("betas", (0.9, 0.999))
+    return dict(
+        lr=cfg["lr"], beta1=beta1, beta2=beta2,
+        weight_decay=cfg.get("weight_decay", 1e-2 if name == "AdamW" else 0.0),
+        eps=cfg.get("eps", 1e-8), amsgrad=cfg.get("amsgrad", False),
+        maximize=cfg.get("maximize", False), decoupled=name == "AdamW",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("config", list(SGD_CONFIGS))
-def test_host_built_sgd_math_matches_torch_optim(harness, config, dtype):
+def test_host_emulated_sgd_matches_torch_optim(host, config, dtype):
     cfg = SGD_CONFIGS[config]
-    ref = _leaf_params(dtype)
+    ref = _leaf_params(dtype, shapes=HOST_SHAPES)
     ours = [p.detach().clone() for p in ref]
-    bufs = [torch.zeros_like(p) for p in ours] if cfg.get("momentum", 0) else [None] * len(ours)
+    bufs = [torch.zeros_like(p) for p in ours]
     opt = torch.optim.SGD(ref, foreach=False, **cfg)
     for step, grads in enumerate(_grad_sequence(ref, 30)):
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        _harness_sgd(harness, ours, grads, bufs, step, cfg)
+        assert host.sgd(ours, grads, bufs, is_first_step=step == 0, **cfg) == 1
     for p, q in zip(ref, ours, strict=True):
         torch.testing.assert_close(q, p.detach(), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("steps_on_device", [False, True], ids=["host-steps", "capturable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("config", list(ADAM_CONFIGS))
-def test_host_built_adam_math_matches_torch_optim(harness, config, dtype):
+def test_host_emulated_adam_matches_torch_optim(host, config, dtype, steps_on_device):
     name, cfg = ADAM_CONFIGS[config]
-    ref = _leaf_params(dtype)
+    ref = _leaf_params(dtype, shapes=HOST_SHAPES)
     ours = [p.detach().clone() for p in ref]
-    amsgrad = cfg.get("amsgrad", False)
-    state = [
-        (torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p) if amsgrad else None)
-        for p in ours
-    ]
+    m, v, vmax = ([torch.zeros_like(p) for p in ours] for _ in range(3))
+    counters = [torch.tensor(0.0) for _ in ours]
     opt = getattr(torch.optim, name)(ref, foreach=False, **cfg)
     for step, grads in enumerate(_grad_sequence(ref, 30)):
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        _harness_adam(harness, ours, grads, state, step, name, cfg)
-    for p, q, (m, v, _) in zip(ref, ours, state, strict=True):
-        torch.testing.assert_close(q, p.detach(), **TOLERANCE[dtype])
-        torch.testing.assert_close(m, opt.state[p]["exp_avg"], **TOLERANCE[dtype])
-        torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], **TOLERANCE[dtype])
+        if steps_on_device:  # the kernels read the counters; then launch_increment_steps
+            host.adam(ours, grads, m, v, vmax, step_tensors=counters, **_adam_options(name, cfg))
+            torch._foreach_add_(counters, 1)
+        else:
+            steps = [float(step + 1)] * len(ours)
+            host.adam(ours, grads, m, v, vmax, new_steps=steps, **_adam_options(name, cfg))
+    for i, p in enumerate(ref):
+        torch.testing.assert_close(ours[i], p.detach(), **TOLERANCE[dtype])
+        torch.testing.assert_close(m[i], opt.state[p]["exp_avg"], **TOLERANCE[dtype])
+        torch.testing.assert_close(v[i], opt.state[p]["exp_avg_sq"], **TOLERANCE[dtype])
+        if cfg.get("amsgrad"):
+            torch.testing.assert_close(vmax[i], opt.state[p]["max_exp_avg_sq"], **TOLERANCE[dtype])
 
 
-def test_host_built_math_unscales_grads(harness):
-    # A power-of-two scale is exact, so the unscaled trajectory equals the unscaled reference.
-    cfg = ADAM_CONFIGS["adam_l2_amsgrad"][1]
-    plain, scaled = ([p.detach() for p in _leaf_params(torch.float32)] for _ in range(2))
-    states = [
-        [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)) for p in ps]
-        for ps in (plain, scaled)
-    ]
-    for step, grads in enumerate(_grad_sequence(plain, 10)):
-        _harness_adam(harness, plain, grads, states[0], step, "Adam", cfg)
-        scaled_grads = [g * 1024 for g in grads]
-        _harness_adam(harness, scaled, scaled_grads, states[1], step, "Adam", cfg, 1024.0)
-    for p, q in zip(plain, scaled, strict=True):
+def test_host_emulated_adam_unscales_grads(host):
+    # A power-of-two scale is exact, so the scaled run must equal the unscaled one bit for bit.
+    options = _adam_options(*ADAM_CONFIGS["adam_l2_amsgrad"])
+    runs = []
+    for scale in (None, 1024.0):
+        params = [p.detach() for p in _leaf_params(torch.float32, shapes=HOST_SHAPES)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        scale_tensor = None if scale is None else torch.tensor(scale)
+        for step, grads in enumerate(_grad_sequence(params, 10)):
+            grads = grads if scale is None else [g * scale for g in grads]
+            steps = [float(step + 1)] * len(params)
+            host.adam(params, grads, *state, new_steps=steps, grad_scale=scale_tensor, **options)
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
         assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_host_built_adam_math_propagates_nan_and_inf_like_torch(harness, amsgrad):
+def test_host_emulated_adam_propagates_nan_and_inf_like_torch(host, amsgrad):
     cfg = {"lr": 1e-2, "amsgrad": amsgrad, "weight_decay": 0.1}
     ref = [torch.randn(8, requires_grad=True)]
     ours = [ref[0].detach().clone()]
-    state = [(torch.zeros(8), torch.zeros(8), torch.zeros(8) if amsgrad else None)]
+    m, v, vmax = ([torch.zeros(8)] for _ in range(3))
     opt = torch.optim.Adam(ref, foreach=False, **cfg)
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, 2.0, 3.0, 4.0])
     for step in range(3):
         grads = [specials.roll(step) if step == 1 else torch.randn(8)]
         ref[0].grad = grads[0].clone()
         opt.step()
-        _harness_adam(harness, ours, grads, state, step, "Adam", cfg)
+        host.adam(ours, grads, m, v, vmax, new_steps=[step + 1.0], **_adam_options("Adam", cfg))
         torch.testing.assert_close(
             ours[0], ref[0].detach(), equal_nan=True, **TOLERANCE[torch.float32]
         )
         if amsgrad:
-            torch.testing.assert_close(
-                state[0][2], opt.state[ref[0]]["max_exp_avg_sq"], equal_nan=True
-            )
+            expected = opt.state[ref[0]]["max_exp_avg_sq"]
+            torch.testing.assert_close(vmax[0], expected, equal_nan=True)
+
+
+def _offset_tensor(numel: int, dtype: torch.dtype, offset: int, seed: int) -> torch.Tensor:
+    """`numel` values starting `offset` elements into their storage (unaligned when offset > 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(numel + offset, generator=gen).to(dtype)[offset:]
+
+
+RAGGED_SIZES = [1, 3, 17, 4097, 65536, 2 * 65536 + 5]
+
+
+def _ragged_lists(dtype, aligned: bool, lists: int, seed: int = 0):
+    # Unaligned: each list of a tensor starts at another element offset.
+    offsets = [0, 0, 0] if aligned else [0, 1, 3]
+    return [
+        [
+            _offset_tensor(n, dtype, offsets[(i + k) % 3], seed + 10 * i + k)
+            for i, n in enumerate(RAGGED_SIZES)
+        ]
+        for k in range(lists)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_host_emulated_adam_matches_the_reference_kernel_on_ragged_sizes(
+    host, aligned, amsgrad, dtype
+):
+    ours, ref = _ragged_lists(dtype, aligned, 5), _ragged_lists(dtype, aligned, 5)
+    for tensors in ours[2:] + ref[2:]:
+        for t in tensors:
+            t.abs_()  # valid second moments
+    options = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, amsgrad=amsgrad)
+    launches = host.adam(
+        *ours, new_steps=[4.0] * len(RAGGED_SIZES), decoupled=True, maximize=True, **options
+    )
+    assert launches == 1
+    steps = [torch.tensor(3.0) for _ in RAGGED_SIZES]
+    p, g, m, v, vmax = ref
+    _torch_kernels.adam_(
+        p, g, m, v, vmax if amsgrad else [], steps, decoupled_weight_decay=True, maximize=True,
+        **options,
+    )  # fmt: skip
+    for mine, theirs in zip(ours, ref, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_host_emulated_sgd_matches_the_reference_kernel_on_ragged_sizes(host, aligned, dtype):
+    ours, ref = _ragged_lists(dtype, aligned, 3), _ragged_lists(dtype, aligned, 3)
+    options = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=True)
+    assert host.sgd(*ours, is_first_step=False, **options) == 1
+    _torch_kernels.sgd_(*ref, maximize=False, is_first_step=False, **options)
+    for mine, theirs in zip(ours, ref, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+
+
+def test_host_emulated_launch_count_depends_on_tensor_count_only(host):
+    adam_capacity = host.capacity(adam=True, extra_list=False)
+    sgd_capacity = host.capacity(adam=False, extra_list=True)
+    assert adam_capacity >= 500 and sgd_capacity >= 800  # torch's fused Adam: 36
+
+    def adam_launches(shapes, dtypes=(torch.float32,)):
+        params = [torch.zeros(s, dtype=dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+        return host.adam(params, *state, lr=1e-3, new_steps=[1.0] * len(params))
+
+    def sgd_launches(n):
+        params = [torch.zeros(4) for _ in range(n)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        return host.sgd(params, *state, lr=0.1, momentum=0.9)
+
+    assert adam_launches([(8,)] * 10) == 1
+    assert adam_launches([(8,)] * adam_capacity) == 1
+    assert adam_launches([(8,)] * (adam_capacity + 1)) == 2
+    assert adam_launches([(8,)] * (3 * adam_capacity)) == 3
+    assert adam_launches([(300_000,)] * 4) == 1  # sizes do not matter: 20 chunks, one launch
+    assert adam_launches([(0,)] * 5) == 0  # nothing to do
+    assert adam_launches([(8,)] * 10, dtypes=(torch.float32, torch.float64)) == 2  # per dtype
+    assert sgd_launches(sgd_capacity + 1) == 2
+
+
+def test_host_emulated_found_inf_changes_nothing(host):
+    params = [p.detach() for p in _leaf_params(torch.float32, shapes=HOST_SHAPES)]
+    grads = _grad_sequence(params, 1)[0]
+    state = [[torch.rand_like(p) for p in params] for _ in range(3)]
+    before = copy.deepcopy([params, *state])
+    found_inf = torch.tensor(1.0)
+    host.adam(params, grads, *state, lr=1e-2, amsgrad=True, new_steps=[2.0] * len(params),
+              weight_decay=0.1, found_inf=found_inf)  # fmt: skip
+    host.sgd(params, grads, state[0], lr=0.1, momentum=0.9, found_inf=found_inf)
+    for now, then in zip([params, *state], before, strict=True):
+        for a, b in zip(now, then, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+def test_host_emulated_tensor_lr_equals_float_lr(host, lr_dtype):
+    lr = torch.tensor(1e-2, dtype=lr_dtype)
+    runs = []
+    for rate in (lr.item(), lr):
+        params = [p.detach() for p in _leaf_params(torch.float32, shapes=HOST_SHAPES)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        for step, grads in enumerate(_grad_sequence(params, 5)):
+            host.adam(params, grads, *state, lr=rate, weight_decay=0.1, decoupled=True,
+                      new_steps=[step + 1.0] * len(params))  # fmt: skip
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)
 
 
 # ---- with a GPU --------------------------------------------------------------------------------
