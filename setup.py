@@ -212,7 +212,7 @@ def cuda_extension(root: Path, choice: str, default_archs: str):
 
     cuda = root / "csrc" / "cuda"
     kernels = [f"csrc/cuda/{path.name}" for path in sorted(cuda.glob("*.cu"))]
-    headers = sorted(cuda.glob("*.cuh")) + [cuda / "fused_kernels.h"]
+    headers = sorted(cuda.glob("*.cuh")) + sorted(cuda.glob("*.h"))
     extension = cpp_extension.CUDAExtension(
         "fused_opt._C_cuda",
         ["csrc/cuda/ops_cuda.cpp", *kernels],
