@@ -186,7 +186,7 @@ def assert_unchanged(
 class RoundedFp32Oracle:
     """torch.optim's for-loop implementation on fp32 copies, rounded to ``dtype`` after each step.
 
-    This is the low-precision contract of every fused_opt backend (and of torch's fused=True):
+    This is the low-precision contract of every fused_opt backend (and of torch's fused Adam):
     load fp16/bf16, compute in fp32, round once on store. torch's own for-loop implementation
     on fp16/bf16 tensors rounds after every op instead, so it is only a loose reference there.
     """

@@ -63,7 +63,7 @@ def single_threaded():
     """Run the test with one intra-op thread, then restore the count.
 
     The parity tests run thousands of small torch ops (torch.optim's for-loop reference); on a
-    busy machine each multi-threaded one waits for idle cores, which makes them 1000x slower.
+    busy machine each multi-threaded one waits for idle cores and gets orders of magnitude slower.
     Threaded kernels are checked by tests that keep the default thread count.
     """
     threads = torch.get_num_threads()
