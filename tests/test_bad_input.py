@@ -333,3 +333,18 @@ def test_a_failing_closure_modifies_nothing(name, backend, device):
     with pytest.raises(ValueError, match="blew up"):
         opt.step(closure)
     assert_unchanged(opt, params, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_param_in_two_groups_is_refused_like_torch(name, backend, device):
+    params = make_params(device=device)
+    opt = FUSED_CLASSES[name](params[:3], backend=backend)
+    ref = TORCH_CLASSES[name](clone_params(params)[:3])
+    expected = _torch_error(
+        lambda: ref.add_param_group({"params": ref.param_groups[0]["params"][:1]})
+    )
+    with pytest.raises(type(expected)) as raised:
+        opt.add_param_group({"params": params[:1]})
+    assert str(raised.value) == str(expected)
+    assert len(opt.param_groups) == 1
+    train([(opt, params[:3])], 1)  # and it still trains
