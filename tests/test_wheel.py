@@ -73,9 +73,11 @@ def fresh_venv(path: Path) -> Path:
 
 
 def pip_install(python: Path, target: Path, **env: str) -> None:
-    # --no-index: the torch requirement must be met by the torch already there, offline.
-    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-index",
-        "--no-build-isolation", "--no-cache-dir", target, env=clean_env(**env))  # fmt: skip
+    """Offline, torch untouched. --force-reinstall: pip would skip a wheel whose version this
+    environment's own install of fused_opt (editable, from `make install`) already has."""
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--no-deps",
+        "--force-reinstall", "--no-build-isolation", "--no-cache-dir", target,
+        env=clean_env(**env))  # fmt: skip
 
 
 def run_installed(python: Path, code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -86,8 +88,11 @@ def run_installed(python: Path, code: str, cwd: Path, **env: str) -> subprocess.
 
 
 def installed_package(python: Path) -> Path:
+    """Where the venv's python finds fused_opt: in the venv itself, never the checkout."""
     code = "import importlib.util; print(importlib.util.find_spec('fused_opt').origin)"
-    return Path(run(python, "-c", code, env=clean_env(), cwd="/").stdout.strip()).parent
+    package = Path(run(python, "-c", code, env=clean_env(), cwd="/").stdout.strip()).parent
+    assert package.is_relative_to(python.parents[1]), package
+    return package
 
 
 # ---- fixtures: one sdist, one compile, three installs -----------------------------------------
@@ -144,6 +149,7 @@ def cpu_wheel(staged_sdist, tmp_path_factory) -> Path:
 def wheel_python(cpu_wheel, tmp_path_factory) -> Path:
     python = fresh_venv(tmp_path_factory.mktemp("wheel-venv") / "venv")
     pip_install(python, cpu_wheel)
+    installed_package(python)  # checks that it is the venv's
     return python
 
 
