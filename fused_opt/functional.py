@@ -42,6 +42,9 @@ def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | N
 
 
 def _grouped(tensor_lists: list[list[Tensor]]) -> dict[tuple, list[list[Tensor]]]:
+    lengths = [len(tensors) for tensors in tensor_lists]
+    if lengths[1] != lengths[0] or any(n not in (0, lengths[0]) for n in lengths[2:]):
+        raise RuntimeError(f"fused_opt: tensor lists of lengths {lengths} do not match params")
     groups: dict[tuple, list[list[Tensor]]] = {}
     for i, p in enumerate(tensor_lists[0]):
         lists = groups.setdefault((p.device, p.dtype), [[] for _ in tensor_lists])
