@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,40 @@ def test_cuda_sources_compile_for_sm80_and_sm90():
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("adam.cu ok", "sgd.cu ok", "ops_cuda.cpp ok"):
         assert name in result.stdout
+
+
+_SIGNATURE_CHECK = """
+import os, sys
+os.environ["FUSED_OPT_DISABLE_NATIVE"] = "1"  # no real kernels: the stubs below take the CUDA key
+import fused_opt  # defines the op schemas
+from torch.utils.cpp_extension import load_inline
+load_inline("fused_opt_cuda_signatures", cpp_sources=[sys.stdin.read()],
+            build_directory=sys.argv[1], is_python_module=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_glue_signatures_match_the_op_schemas(tmp_path):
+    # The dispatcher infers a schema from each C++ kernel's signature and rejects a mismatch with
+    # the Python-defined schema when the library loads. Without CUDA the glue cannot load, so its
+    # four signatures and its registration block are compiled here around empty bodies.
+    glue = (ROOT / "csrc" / "cuda" / "ops_cuda.cpp").read_text()
+    signatures = re.findall(r"^void (\w+_(?:float|tensor)_lr\(.*?\)) \{", glue, re.M | re.S)
+    registration = re.search(
+        r"^TORCH_LIBRARY_IMPL\(fused_opt, CUDA, m\) \{.*?^\}", glue, re.M | re.S
+    )
+    assert len(signatures) == 4 and registration
+    source = "\n".join(
+        ["#include <torch/library.h>", "using at::Tensor;", "using at::TensorList;"]
+        + [f"void {signature} {{}}" for signature in signatures]
+        + [registration.group(0)]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNATURE_CHECK, str(tmp_path)],
+        input=source, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # ---- without a GPU: the kernels' code, run by a host emulation of the launches ---------------
