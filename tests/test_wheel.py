@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import textwrap
 from collections.abc import Iterator
@@ -63,12 +62,14 @@ def build_sdist(source: Path, dist_dir: Path) -> Path:
 
 def fresh_venv(path: Path) -> Path:
     """A new virtual environment that sees this one's torch (and pytest) but not its fused_opt
-    or the source tree: a .pth line appends this site-packages after the venv's own, and .pth
-    files in it (an editable install's hook) are not processed from there."""
+    or the source tree: a .pth file appends this process's site-packages directories after the
+    venv's own (not the checkout, not PYTHONPATH), and .pth files in them (an editable install's
+    hook) are not processed from there."""
     run(sys.executable, "-m", "venv", "--without-pip", path)
     python = path / "bin" / "python"
     site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout
-    Path(site.strip(), "_dev_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    Path(site.strip(), "_dev_site_packages.pth").write_text("".join(f"{p}\n" for p in ours))
     return python
 
 
