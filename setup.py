@@ -1,6 +1,6 @@
 """Build script: the one owner of every build decision.
 
-Environment variables (also in the README's build table):
+Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py checks it):
 
   FUSED_OPT_BUILD_EXT   auto | 1 | 0   compile the kernels. auto (default): when a C++ compiler
                                        is found; 0: pure-Python package (torch backend only).
