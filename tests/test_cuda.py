@@ -1,12 +1,12 @@
 """The CUDA kernels (csrc/cuda): what can be checked without a GPU, and everything else with one.
 
-Without a GPU: the nvcc/g++ compile check (tools/check_cuda.sh), and the kernels' per-element
-math (csrc/cuda/optimizer_math.cuh, the very functions the kernels call) built for the host and
-compared with torch.optim. With a GPU and the built extension: parity with torch.optim (for-loop
-and fused=True) for every option and dtype, awkward sizes and unaligned tensors, CUDA-graph
-capture and replay, torch.compile, mixed devices, found_inf, tensor lr, many tensors and the
-launch count. Tests that need a GPU skip with the reason.
-"""
+Without a GPU: the nvcc/g++ compile check (tools/check_cuda.sh), the glue's kernel signatures
+against the op schemas, and the kernels' own code (packing, chunk lookup, vector and scalar paths,
+math) run by a host emulation of the launches (csrc/cuda/testing/host_harness.cpp) and compared
+with torch.optim and the pure-PyTorch kernels. With a GPU and the built extension: parity with
+torch.optim (for-loop and fused=True) for every option and dtype, awkward sizes and unaligned
+tensors, CUDA-graph capture and replay, torch.compile, mixed devices, found_inf, tensor lr, many
+tensors and the launch count. Tests that need a GPU skip with the reason."""
 
 from __future__ import annotations
 
