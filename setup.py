@@ -131,7 +131,9 @@ def cpu_extension(root: Path, isas: list[str]):
     if sys.platform == "win32":  # the ISA flags and cpu detection below are GCC/Clang's
         isas = []
     cpu = "csrc/cpu"
-    sources = [f"{cpu}/{name}.cpp" for name in ("ops", "isa", "module", "kernels_baseline")]
+    sources = [
+        f"{cpu}/{name}.cpp" for name in ("ops", "step", "isa", "module", "kernels_baseline")
+    ]
     ext = CppExtension(
         "fused_opt._C",
         sources,

@@ -323,6 +323,27 @@ def test_dense_permuted_params_are_handled(isa):
     assert_bitwise([p, buf], [p_ref, buf_ref])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "expanded", "strided"])
+def test_grads_laid_out_unlike_their_param_are_handled(isa, layout):
+    """A grad whose strides differ from its (dense) param's is read through a copy."""
+    p = torch.randn(5, 7).t()  # dense, not contiguous
+    source = torch.randn(7, 5)
+    g = {
+        "contiguous": source,
+        "expanded": source[:1].expand(7, 5),
+        "strided": torch.randn(7, 10)[:, ::2].copy_(source),
+    }[layout]
+    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)
+    p_ref, g_ref = p.clone(), g.clone(memory_format=torch.preserve_format).contiguous()
+    g_ref = g_ref.t().contiguous().t()  # the param's layout
+    m_ref, v_ref, step_ref = m.clone(), v.clone(), step.clone()
+    opts = dict(amsgrad=False, maximize=False, weight_decay=0.1, decoupled_weight_decay=False)
+    grad_before = g.clone()
+    run_adam(torch.ops.fused_opt.adam_, ([p], [m], [v], [], [step]), [g], opts)
+    run_adam(torch.ops.fused_opt.adam_, ([p_ref], [m_ref], [v_ref], [], [step_ref]), [g_ref], opts)
+    assert_bitwise([p, m, v, g], [p_ref, m_ref, v_ref, grad_before])
+
+
 def test_mixed_dtypes_in_one_call(isa):
     shapes = [(17,), (33,), (5,), (40,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
@@ -527,12 +548,12 @@ BAD_ADAM_INPUTS = {
         lambda s, g: (([*s[0][:-1], torch.zeros(10)[::2]], *s[1:]), g),
         "do not cover its memory densely",
     ),
-    "grad layout": (
+    "state layout": (
         lambda s, g: (
             ([*s[0][:-1], torch.zeros(5, 4).t()], *s[1:]),
-            g[:-1] + [torch.zeros(4, 5)],
+            g[:-1] + [torch.zeros(4, 5)],  # a grad laid out differently is fine: it is copied
         ),
-        "laid out like their param",
+        "exp_avgs[3] has strides [5, 1] but params[3] has strides [1, 4]",
     ),
 }
 
@@ -545,8 +566,8 @@ def test_bad_input_raises_before_anything_changes(case):
     grads = next(grad_stream(shapes, torch.float32))
     bad_state, bad_grads = make(state, grads)
     # The state tensors that stay valid must have the matching shape for the last param.
-    if case == "grad layout":
-        bad_state = (bad_state[0], state[1][:-1] + [torch.zeros(5, 4).t()],
+    if case == "state layout":  # params[3] is (4, 5) transposed; exp_avgs[3] is contiguous
+        bad_state = (bad_state[0], state[1][:-1] + [torch.zeros(4, 5)],
                      state[2][:-1] + [torch.zeros(5, 4).t()], [], state[4])  # fmt: skip
     before = [clone(x) for x in bad_state]
     with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -641,3 +662,84 @@ def test_found_inf_warning_free_and_repeatable():
                      found_inf=torch.tensor(float("inf")))  # fmt: skip
     for a, b in zip(state, before, strict=True):
         assert_bitwise(a, b)
+
+
+# ---- the direct entry points of fused_opt._C -------------------------------------------------
+def adam_positional(state, grads, opts, grad_scale=None, found_inf=None, lr=1e-2):
+    params, m, v, vmax, steps = state
+    k = adam_kwargs(opts, lr)
+    return (params, grads, m, v, vmax if opts["amsgrad"] else [], steps, k["lr"], k["beta1"],
+            k["beta2"], k["weight_decay"], k["eps"], k["amsgrad"], k["maximize"],
+            k["decoupled_weight_decay"], grad_scale, found_inf)  # fmt: skip
+
+
+@pytest.mark.parametrize("opts", ADAM_OPTIONS[::5], ids=lambda o: "-".join(map(str, o.values())))
+def test_direct_adam_equals_the_op(isa, opts):
+    a = adam_state(SHAPES, torch.bfloat16)
+    b = tuple(clone(x) for x in a)
+    scale = torch.tensor(2.0) if opts["scaled"] else None
+    grads = grad_stream(SHAPES, torch.bfloat16)
+    for _ in range(3):
+        g = next(grads)
+        run_adam(torch.ops.fused_opt.adam_, a, g, opts, grad_scale=scale)
+        _C.adam_(*adam_positional(b, g, opts, grad_scale=scale))
+    for x, y in zip(a, b, strict=True):
+        assert_bitwise(x, y)
+    # The tensor lr overload, and found_inf.
+    _C.adam_(*adam_positional(b, g, opts, lr=torch.tensor(1e-2)))
+    run_adam(torch.ops.fused_opt.adam_, a, g, opts)
+    before = [clone(x) for x in b]
+    _C.adam_(*adam_positional(b, g, opts, found_inf=torch.tensor(1.0)))
+    for x, y, z in zip(a, b, before, strict=True):
+        assert_bitwise(x, y)
+        assert_bitwise(y, z)
+
+
+@pytest.mark.parametrize("opts", SGD_OPTIONS[::3], ids=lambda o: "-".join(map(str, o.values())))
+def test_direct_sgd_equals_the_op(isa, opts):
+    gen = torch.Generator().manual_seed(0)
+    p1 = [randn(s, torch.float32, gen) for s in SHAPES]
+    p2 = clone(p1)
+    use_momentum = opts["momentum"] != 0
+    b1 = [torch.zeros_like(p) for p in p1] if use_momentum else []
+    b2 = clone(b1)
+    scale = torch.tensor(0.5) if opts["scaled"] else None
+    k = sgd_kwargs(opts)
+    grads = grad_stream(SHAPES, torch.float32)
+    for step in range(3):
+        g = next(grads)
+        torch.ops.fused_opt.sgd_(p1, g, b1, **k, is_first_step=step == 0, grad_scale=scale)
+        _C.sgd_(p2, g, b2, k["weight_decay"], k["momentum"], k["lr"], k["dampening"],
+                k["nesterov"], k["maximize"], step == 0, scale, None)  # fmt: skip
+    assert_bitwise(p1 + b1, p2 + b2)
+
+
+def test_direct_entry_points_check_their_input():
+    params, grads = [torch.randn(5), torch.randn(3)], [torch.randn(5), torch.randn(4)]
+    before = clone(params)
+    with pytest.raises(RuntimeError, match=re.escape("grads[1] has shape [4]")):
+        _C.sgd_(params, grads, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
+    with pytest.raises(TypeError, match="grads must be a list of tensors"):
+        _C.sgd_(params, None, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
+    with pytest.raises(TypeError, match=re.escape("params[1] is not a tensor")):
+        _C.sgd_([params[0], 1.0], grads, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
+    with pytest.raises(TypeError, match="takes 12 positional arguments"):
+        _C.sgd_(params, grads, [])
+    assert_bitwise(params, before)
+
+
+def test_in_place_updates_bump_version_counters():
+    """Autograd must see the in-place updates (saved-tensor checks), as with torch.optim."""
+    state = adam_state([(5,), (3,)], torch.float32)
+    g = [torch.randn(5), torch.randn(3)]
+    opts = dict(amsgrad=True, maximize=False, weight_decay=0.0, decoupled_weight_decay=False)
+    versions = lambda: [t._version for tensors in state for t in tensors]  # noqa: E731
+    v0 = versions()
+    run_adam(torch.ops.fused_opt.adam_, state, g, opts)
+    v1 = versions()
+    _C.adam_(*adam_positional(state, g, opts))
+    v2 = versions()
+    assert all(b == a + 1 for a, b in zip(v0, v1, strict=True))
+    assert all(b == a + 1 for a, b in zip(v1, v2, strict=True))
+    run_adam(torch.ops.fused_opt.adam_, state, g, opts, found_inf=torch.tensor(1.0))
+    assert versions() == v2  # a skipped step changes nothing, not even the versions

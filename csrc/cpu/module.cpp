@@ -1,14 +1,151 @@
 // The Python module fused_opt._C: loading it registers the CPU kernels (ops.cpp) with the
-// dispatcher; its functions report and choose the SIMD variant. Plain CPython API, no pybind11.
+// dispatcher. Its functions report and choose the SIMD variant, and sgd_() / adam_() are direct
+// entry points to the same step for eager code: they take the op's arguments positionally and
+// read the tensors straight from the Python lists, skipping the dispatcher's per-tensor boxing
+// (most of the cost of a call with thousands of small tensors). Plain CPython API, no pybind11.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdlib>
+#include <vector>
 
 #include "isa.h"
+#include "step.h"
 
 namespace {
 
 using namespace fused_opt_cpu;
+
+// ---- direct entry points ---------------------------------------------------------------------
+// Each parser returns false with a Python exception set.
+struct PyTensorList {
+  std::vector<const at::Tensor*> storage;
+  bool parse(PyObject* obj, const char* name, TensorRefs& out) {
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+      PyErr_Format(PyExc_TypeError, "fused_opt._C: %s must be a list of tensors", name);
+      return false;
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    storage.clear();
+    storage.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) {
+        PyErr_Format(PyExc_TypeError, "fused_opt._C: %s[%zd] is not a tensor", name, i);
+        return false;
+      }
+      storage.push_back(&THPVariable_Unpack(items[i]));
+    }
+    out = {storage.data(), storage.size()};
+    return true;
+  }
+};
+
+bool parse_double(PyObject* obj, double& out) {
+  out = PyFloat_AsDouble(obj);
+  return !(out == -1.0 && PyErr_Occurred());
+}
+
+bool parse_bool(PyObject* obj, bool& out) {
+  const int truth = PyObject_IsTrue(obj);
+  out = truth == 1;
+  return truth >= 0;
+}
+
+bool parse_optional_tensor(PyObject* obj, const char* name, const at::Tensor*& out) {
+  if (obj == Py_None) {
+    out = nullptr;
+    return true;
+  }
+  if (!THPVariable_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "fused_opt._C: %s must be a tensor or None", name);
+    return false;
+  }
+  out = &THPVariable_Unpack(obj);
+  return true;
+}
+
+// A float, or a one-element tensor (the .tensor_lr overload).
+bool parse_lr(PyObject* obj, double& out) {
+  if (!THPVariable_Check(obj)) return parse_double(obj, out);
+  const at::Tensor& lr = THPVariable_Unpack(obj);
+  if (lr.numel() != 1) {
+    PyErr_SetString(PyExc_RuntimeError, "fused_opt: lr must have one element");
+    return false;
+  }
+  out = lr.item<double>();
+  return true;
+}
+
+// Check and prepare under the GIL, run the arithmetic without it.
+template <typename Call>
+PyObject* step(const Call& call) {
+  try {
+    const auto plan = [&] {
+      if constexpr (std::is_same_v<Call, SgdCall>) {
+        return plan_sgd(call);
+      } else {
+        return plan_adam(call);
+      }
+    }();
+    Py_BEGIN_ALLOW_THREADS run_plan(plan);
+    Py_END_ALLOW_THREADS
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 12) {
+    PyErr_Format(PyExc_TypeError, "fused_opt._C.sgd_ takes 12 positional arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  thread_local PyTensorList lists[3];
+  SgdCall c{};
+  if (!lists[0].parse(args[0], "params", c.params) ||
+      !lists[1].parse(args[1], "grads", c.grads) ||
+      !lists[2].parse(args[2], "momentum_buffers", c.momentum_buffers) ||
+      !parse_double(args[3], c.weight_decay) || !parse_double(args[4], c.momentum) ||
+      !parse_lr(args[5], c.lr) || !parse_double(args[6], c.dampening) ||
+      !parse_bool(args[7], c.nesterov) || !parse_bool(args[8], c.maximize) ||
+      !parse_bool(args[9], c.is_first_step) ||
+      !parse_optional_tensor(args[10], "grad_scale", c.grad_scale) ||
+      !parse_optional_tensor(args[11], "found_inf", c.found_inf))
+    return nullptr;
+  return step(c);
+}
+
+PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 16) {
+    PyErr_Format(PyExc_TypeError, "fused_opt._C.adam_ takes 16 positional arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  thread_local PyTensorList lists[6];
+  AdamCall c{};
+  if (!lists[0].parse(args[0], "params", c.params) ||
+      !lists[1].parse(args[1], "grads", c.grads) ||
+      !lists[2].parse(args[2], "exp_avgs", c.exp_avgs) ||
+      !lists[3].parse(args[3], "exp_avg_sqs", c.exp_avg_sqs) ||
+      !lists[4].parse(args[4], "max_exp_avg_sqs", c.max_exp_avg_sqs) ||
+      !lists[5].parse(args[5], "steps", c.steps) || !parse_lr(args[6], c.lr) ||
+      !parse_double(args[7], c.beta1) || !parse_double(args[8], c.beta2) ||
+      !parse_double(args[9], c.weight_decay) || !parse_double(args[10], c.eps) ||
+      !parse_bool(args[11], c.amsgrad) || !parse_bool(args[12], c.maximize) ||
+      !parse_bool(args[13], c.decoupled_weight_decay) ||
+      !parse_optional_tensor(args[14], "grad_scale", c.grad_scale) ||
+      !parse_optional_tensor(args[15], "found_inf", c.found_inf))
+    return nullptr;
+  return step(c);
+}
+
+// ---- SIMD variants ---------------------------------------------------------------------------
 
 PyObject* names_where(bool (*keep)(int)) {
   PyObject* list = PyList_New(0);
@@ -56,6 +193,16 @@ PyMethodDef kMethods[] = {
     {"isa_active", isa_active, METH_NOARGS, "The variant the CPU kernels use now."},
     {"set_isa", set_isa, METH_O,
      "Use the named variant (None: the best supported); returns the active one."},
+    {"sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct)),
+     METH_FASTCALL,
+     "sgd_(params, grads, momentum_buffers, weight_decay, momentum, lr, dampening, nesterov, "
+     "maximize, is_first_step, grad_scale, found_inf): fused_opt::sgd_ on CPU tensors, called "
+     "directly (eager mode only: no dispatcher, no torch.compile tracing)."},
+    {"adam_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(adam_direct)),
+     METH_FASTCALL,
+     "adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, "
+     "weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf): "
+     "fused_opt::adam_ on CPU tensors, called directly (eager mode only)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -1,0 +1,303 @@
+// Checks, the work list and the single parallel region of one optimizer step (see step.h).
+#include "step.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "isa.h"
+
+namespace fused_opt_cpu {
+namespace {
+
+// Work is split at multiples of one block (64 elements: whole cache lines for every dtype), and
+// a call with less than kGrainBlocks of work per thread stays on one thread: opening a parallel
+// region costs microseconds.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kGrainBlocks = 512;  // 32768 elements
+
+int dtype_index(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default: return -1;
+  }
+}
+
+void check_length(const char* op, const char* name, const TensorRefs& list, size_t n,
+                  bool required) {
+  TORCH_CHECK(list.size() == n || (!required && list.empty()), "fused_opt.", op, ": expected ", n,
+              " ", name, ", got ", list.size());
+}
+
+// Tensors whose memory the kernels may not read as plain values: views with a lazy negation or
+// conjugation bit, and tensors of Python/functorch subclasses that only wrap others.
+bool plain_memory(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.key_set();
+  return !t.is_neg() && !t.is_conj() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::FuncTorchBatched) &&
+         !keys.has(c10::DispatchKey::Functionalize) && t.has_storage();
+}
+
+void check_param(const char* op, size_t i, const at::Tensor& p) {
+  TORCH_CHECK(p.defined(), "fused_opt.", op, ": params[", i, "] is undefined");
+  TORCH_CHECK(p.is_floating_point(), "fused_opt.", op, ": params[", i, "] has dtype ",
+              p.scalar_type(), ", not a float type");
+  TORCH_CHECK(dtype_index(p.scalar_type()) >= 0, "fused_opt.", op, ": params[", i,
+              "] has dtype ", p.scalar_type(),
+              "; the cpp backend supports float32, float64, float16 and bfloat16");
+  TORCH_CHECK(p.layout() == at::kStrided, "fused_opt.", op, ": params[", i, "] is ", p.layout(),
+              "; only strided tensors are supported");
+  TORCH_CHECK(p.device().is_cpu(), "fused_opt.", op, ": params[", i, "] is on ", p.device(),
+              ", expected cpu");
+  TORCH_CHECK(p.is_contiguous() || p.is_non_overlapping_and_dense(), "fused_opt.", op,
+              ": params[", i, "] has sizes ", p.sizes(), " and strides ", p.strides(),
+              ", which do not cover its memory densely; the cpp backend needs contiguous params "
+              "(or dense permutations such as channels_last)");
+  TORCH_CHECK(plain_memory(p), "fused_opt.", op, ": params[", i,
+              "] is a lazy (neg/conj) view or a wrapper tensor; the cpp backend needs plain "
+              "CPU tensors");
+}
+
+bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  return (t.is_contiguous() && p.is_contiguous()) || t.strides() == p.strides();
+}
+
+// A grad or state tensor must match its param in shape, device and dtype. The kernels work
+// elementwise over raw memory, so it must also lay out its elements like the param: state
+// tensors must (they are created with the param's layout); a grad that does not is copied.
+void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t,
+                      const at::Tensor& p, bool layout_must_match = true) {
+  TORCH_CHECK(t.defined(), "fused_opt.", op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
+              t.layout(), "; sparse gradients are not supported");
+  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name,
+              "[", i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(),
+              " on ", p.device(), " like params[", i, "]");
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
+              "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
+              "]");
+  TORCH_CHECK(!layout_must_match || same_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
+              "] has strides ", t.strides(), " but params[", i, "] has strides ", p.strides(),
+              "; the cpp backend needs state tensors laid out like their param");
+  TORCH_CHECK(plain_memory(t), "fused_opt.", op, ": ", name, "[", i,
+              "] is a lazy (neg/conj) view or a wrapper tensor; the cpp backend needs plain "
+              "CPU tensors");
+}
+
+// The grad's memory in the param's layout: the grad itself, or (rarely: e.g. a contiguous grad
+// of a channels_last param) a copy kept in `copies` until the step has run.
+const void* grad_data(const at::Tensor& g, const at::Tensor& p, std::vector<at::Tensor>& copies) {
+  if (same_layout(g, p)) return g.const_data_ptr();
+  copies.push_back(at::empty_like(p, at::MemoryFormat::Preserve));
+  copies.back().copy_(g);
+  return copies.back().const_data_ptr();
+}
+
+double scalar_value(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, "fused_opt.", op, ": ", name, " must have one element, got ",
+              t.numel());
+  if (t.scalar_type() == at::kFloat && t.device().is_cpu() && plain_memory(t))
+    return *t.const_data_ptr<float>();
+  return t.item<double>();
+}
+
+bool skip_step(const char* op, const at::Tensor* found_inf) {
+  return found_inf != nullptr && scalar_value(op, "found_inf", *found_inf) != 0;
+}
+
+// In-place updates must be visible to autograd's saved-tensor checks, as torch.optim's are.
+void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// One parallel region over the flat element space of all tensors of the call. Each thread gets
+// a contiguous range of whole blocks and walks the tensors it overlaps.
+template <typename Work, typename Consts>
+void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& consts) {
+  if (total == 0) return;
+  const int64_t blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t first_block, int64_t last_block) {
+    const int64_t begin = first_block * kBlock;
+    const int64_t end = std::min(total, last_block * kBlock);
+    auto it = std::upper_bound(work.begin(), work.end(), begin, [](int64_t pos, const Work& w) {
+      return pos < w.start + w.numel;
+    });
+    for (; it != work.end() && it->start < end; ++it) {
+      const int64_t lo = std::max(begin, it->start) - it->start;
+      const int64_t hi = std::min(end, it->start + it->numel) - it->start;
+      it->kernel(*it, lo, hi, consts);
+    }
+  });
+}
+
+}  // namespace
+
+SgdPlan plan_sgd(const SgdCall& call) {
+  constexpr const char* kOp = "sgd_";
+  const size_t n = call.params.size();
+  check_length(kOp, "grads", call.grads, n, true);
+  check_length(kOp, "momentum_buffers", call.momentum_buffers, n, false);
+  TORCH_CHECK(call.momentum == 0 || call.momentum_buffers.size() == n,
+              "fused_opt.sgd_: momentum != 0 needs one momentum buffer per param");
+
+  const KernelTable& kernels = active_kernels();
+  const bool scaled = call.grad_scale != nullptr;
+  const bool use_momentum = call.momentum != 0;
+  thread_local std::vector<SgdTensor> work;
+  work.clear();
+  work.reserve(n);
+  thread_local std::vector<at::Tensor> grad_copies;
+  grad_copies.clear();
+  SgdPlan plan;
+  plan.work = &work;
+  plan.grad_copies = &grad_copies;
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = call.params[i];
+    const at::Tensor& g = call.grads[i];
+    check_param(kOp, i, p);
+    check_like_param(kOp, "grads", i, g, p, false);
+    void* buffer = nullptr;
+    if (!call.momentum_buffers.empty()) {
+      const at::Tensor& b = call.momentum_buffers[i];
+      check_like_param(kOp, "momentum_buffers", i, b, p);
+      if (use_momentum) buffer = b.mutable_data_ptr();
+    }
+    const int64_t numel = p.numel();
+    if (numel == 0) continue;
+    const int dtype = dtype_index(p.scalar_type());
+    work.push_back({p.mutable_data_ptr(), grad_data(g, p, *plan.grad_copies), buffer, total,
+                    numel, kernels.sgd[dtype][scaled][use_momentum]});
+    total += numel;
+  }
+  // Everything is checked; from here on the call either changes nothing or does the full step.
+  if (skip_step(kOp, call.found_inf)) return plan;
+  for (size_t i = 0; i < n; ++i) {
+    bump_version(call.params[i]);
+    if (use_momentum) bump_version(call.momentum_buffers[i]);
+  }
+  const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
+  SgdConsts& k = plan.consts;
+  k.grad_divisor = call.maximize ? -scale : scale;
+  k.grad_sign = call.maximize ? -1.0 : 1.0;
+  k.weight_decay = call.weight_decay;
+  k.momentum = call.momentum;
+  k.one_minus_dampening = 1.0 - call.dampening;
+  k.neg_lr = -call.lr;
+  k.maximize = call.maximize;
+  k.nesterov = call.nesterov;
+  k.is_first_step = call.is_first_step;
+  plan.total = total;
+  return plan;
+}
+
+AdamPlan plan_adam(const AdamCall& call) {
+  constexpr const char* kOp = "adam_";
+  const size_t n = call.params.size();
+  check_length(kOp, "grads", call.grads, n, true);
+  check_length(kOp, "exp_avgs", call.exp_avgs, n, false);
+  check_length(kOp, "exp_avg_sqs", call.exp_avg_sqs, n, false);
+  check_length(kOp, "max_exp_avg_sqs", call.max_exp_avg_sqs, n, false);
+  check_length(kOp, "steps", call.steps, n, false);
+  TORCH_CHECK(call.exp_avgs.size() == n && call.exp_avg_sqs.size() == n && call.steps.size() == n,
+              "fused_opt.adam_: every param needs exp_avg, exp_avg_sq and step");
+  TORCH_CHECK(!call.amsgrad || call.max_exp_avg_sqs.size() == n,
+              "fused_opt.adam_: amsgrad needs one max_exp_avg_sq per param");
+
+  const KernelTable& kernels = active_kernels();
+  const bool scaled = call.grad_scale != nullptr;
+  const int decay = call.weight_decay == 0         ? kNoDecay
+                    : call.decoupled_weight_decay ? kDecoupledDecay
+                                                  : kL2Decay;
+  thread_local std::vector<AdamTensor> work;
+  work.clear();
+  work.reserve(n);
+  thread_local std::vector<at::Tensor> grad_copies;
+  grad_copies.clear();
+  AdamPlan plan;
+  plan.work = &work;
+  plan.grad_copies = &grad_copies;
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = call.params[i];
+    const at::Tensor& m = call.exp_avgs[i];
+    const at::Tensor& v = call.exp_avg_sqs[i];
+    const at::Tensor& s = call.steps[i];
+    check_param(kOp, i, p);
+    check_like_param(kOp, "grads", i, call.grads[i], p, false);
+    check_like_param(kOp, "exp_avgs", i, m, p);
+    check_like_param(kOp, "exp_avg_sqs", i, v, p);
+    void* vmax = nullptr;
+    if (!call.max_exp_avg_sqs.empty()) {
+      const at::Tensor& x = call.max_exp_avg_sqs[i];
+      check_like_param(kOp, "max_exp_avg_sqs", i, x, p);
+      if (call.amsgrad) vmax = x.mutable_data_ptr();
+    }
+    TORCH_CHECK(s.defined() && s.scalar_type() == at::kFloat && s.numel() == 1 &&
+                    s.device().is_cpu() && plain_memory(s),
+                "fused_opt.adam_: steps[", i, "] must be a one-element float32 CPU tensor, got ",
+                s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
+    const int dtype = dtype_index(p.scalar_type());
+    work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, *plan.grad_copies),
+                    m.mutable_data_ptr(),
+                    v.mutable_data_ptr(), vmax, total, p.numel(), 0.0, 0.0,
+                    kernels.adam[dtype][scaled][decay][call.amsgrad]});
+    total += p.numel();
+  }
+  if (skip_step(kOp, call.found_inf)) return plan;
+
+  // Bias corrections from each tensor's own step, in double as torch.optim computes them
+  // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
+  float last_step = -1.0f;
+  double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& s = call.steps[i];
+    float* count = s.mutable_data_ptr<float>();
+    const float step = *count + 1.0f;
+    *count = step;
+    if (step != last_step) {
+      const double bias_correction1 = 1.0 - std::pow(call.beta1, double(step));
+      const double bias_correction2 = 1.0 - std::pow(call.beta2, double(step));
+      neg_step_size = -(call.lr / bias_correction1);
+      bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+      last_step = step;
+    }
+    work[i].neg_step_size = neg_step_size;
+    work[i].bias_correction2_sqrt = bias_correction2_sqrt;
+    bump_version(s);
+    bump_version(call.params[i]);
+    bump_version(call.exp_avgs[i]);
+    bump_version(call.exp_avg_sqs[i]);
+    if (call.amsgrad) bump_version(call.max_exp_avg_sqs[i]);
+  }
+  const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
+  AdamConsts& k = plan.consts;
+  k.grad_divisor = call.maximize ? -scale : scale;
+  k.grad_sign = call.maximize ? -1.0 : 1.0;
+  k.weight_decay = call.weight_decay;
+  k.decay_factor = 1.0 - call.lr * call.weight_decay;
+  k.lerp_weight = 1.0 - call.beta1;
+  k.beta2 = call.beta2;
+  k.one_minus_beta2 = 1.0 - call.beta2;
+  k.eps = call.eps;
+  k.maximize = call.maximize;
+  plan.total = total;
+  return plan;
+}
+
+void run_plan(const SgdPlan& plan) {
+  run_parallel(*plan.work, plan.total, plan.consts);
+  plan.grad_copies->clear();
+}
+
+void run_plan(const AdamPlan& plan) {
+  run_parallel(*plan.work, plan.total, plan.consts);
+  plan.grad_copies->clear();
+}
+
+}  // namespace fused_opt_cpu
