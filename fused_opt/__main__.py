@@ -1,4 +1,4 @@
-"""``python -m fused_opt``: what was built, what runs here, and a one-step check against torch.optim."""
+"""``python -m fused_opt``: what was built, what runs here, and a check against torch.optim."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _sanity_devices() -> list[str]:
 
 
 def sanity_check() -> list[tuple[str, str, str, float]]:
-    """One step of each optimizer and backend vs torch.optim: (optimizer, backend, device, max error)."""
+    """Two steps of each optimizer and backend vs torch.optim: (name, backend, device, error)."""
     results = []
     cases = {
         "SGD": (fused_opt.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
@@ -43,7 +43,11 @@ def sanity_check() -> list[tuple[str, str, str, float]]:
     }
     generator = torch.Generator().manual_seed(0)
     for device in _sanity_devices():
-        backends = [b for b in fused_opt.available_backends() if b in ("torch", "cpp" if device == "cpu" else "cuda")]
+        backends = [
+            b
+            for b in fused_opt.available_backends()
+            if b in ("torch", "cpp" if device == "cpu" else "cuda")
+        ]
         for name, (ours, theirs, kwargs) in cases.items():
             for backend in backends:
                 start = torch.randn(1000, generator=generator).to(device)
@@ -67,7 +71,9 @@ def main() -> int:
         "built:",
     ]
     if not info:
-        lines.append("  no build info (a source tree never built: pip install --no-build-isolation -e .)")
+        lines.append(
+            "  no build info (a source tree never built: pip install --no-build-isolation -e .)"
+        )
     elif not info.get("extensions"):
         lines.append("  pure Python, no compiled kernels (FUSED_OPT_BUILD_EXT=0)")
     else:
@@ -84,7 +90,9 @@ def main() -> int:
     for name, backend, device, error in sanity_check():
         ok = error <= 1e-5
         failed |= not ok
-        lines.append(f"  {name:6s} {backend:6s} {device:5s} {error:.2e}  {'ok' if ok else 'FAILED'}")
+        lines.append(
+            f"  {name:6s} {backend:6s} {device:5s} {error:.2e}  {'ok' if ok else 'FAILED'}"
+        )
     print("\n".join(lines))
     return 1 if failed else 0
 

@@ -16,10 +16,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def check_tensor_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
     """Raise RuntimeError unless every list matches ``params`` (the checks all kernels share)."""
     for name, tensors in lists.items():
-        if len(tensors) not in (0, len(params)) or (name == "grads" and len(tensors) != len(params)):
-            raise RuntimeError(
-                f"fused_opt.{op}: expected {len(params)} {name}, got {len(tensors)}"
-            )
+        if len(tensors) not in (0, len(params)) or (
+            name == "grads" and len(tensors) != len(params)
+        ):
+            raise RuntimeError(f"fused_opt.{op}: expected {len(params)} {name}, got {len(tensors)}")
     for i, p in enumerate(params):
         if not p.is_floating_point():
             raise RuntimeError(f"fused_opt.{op}: params[{i}] has dtype {p.dtype}, not a float type")
@@ -58,7 +58,7 @@ def _compute_copies(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _store(targets: list[Tensor], values: list[Tensor]) -> None:
-    for target, value in zip(targets, values):
+    for target, value in zip(targets, values, strict=True):
         if value is not target:
             target.copy_(value)  # rounds to nearest even
 
@@ -71,7 +71,7 @@ def _effective_grads(
     if grad_scale is not None:
         work = torch._foreach_div(work, grad_scale)
     else:
-        work = [w.clone() if w is g else w for w, g in zip(work, grads)]
+        work = [w.clone() if w is g else w for w, g in zip(work, grads, strict=True)]
     if maximize:
         torch._foreach_neg_(work)
     return work

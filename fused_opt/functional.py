@@ -41,16 +41,24 @@ def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | N
     return cache[device]
 
 
-def _grouped(tensor_lists: list[list[Tensor]]) -> dict[tuple, list[list[Tensor]]]:
+def _grouped(
+    tensor_lists: list[list[Tensor]], names: tuple[str, ...]
+) -> dict[tuple, list[list[Tensor]]]:
+    """The lists split by (device, dtype) of the params (``names`` name the lists after params)."""
     lengths = [len(tensors) for tensors in tensor_lists]
     if lengths[1] != lengths[0] or any(n not in (0, lengths[0]) for n in lengths[2:]):
         raise RuntimeError(f"fused_opt: tensor lists of lengths {lengths} do not match params")
     groups: dict[tuple, list[list[Tensor]]] = {}
     for i, p in enumerate(tensor_lists[0]):
         lists = groups.setdefault((p.device, p.dtype), [[] for _ in tensor_lists])
-        for out, tensors in zip(lists, tensor_lists):
+        for out, tensors in zip(lists, tensor_lists, strict=True):
             if tensors:
                 out.append(tensors[i])
+    if len(groups) > 1:
+        # Each kernel checks its own lists; check them all before the first one writes.
+        for params, *others in groups.values():
+            named = dict(zip(names, others, strict=True))
+            _torch_kernels.check_tensor_lists("step", params, **named)
     return groups
 
 
@@ -73,7 +81,9 @@ def sgd(
     """One SGD step over tensor lists (``momentum_buffers`` empty when momentum == 0)."""
     requested = _backends.normalize(backend)
     moved: dict[str, dict] = {"scale": {}, "inf": {}}
-    for (device, _), (p, g, buf) in _grouped([params, grads, momentum_buffers]).items():
+    for (device, _), (p, g, buf) in _grouped(
+        [params, grads, momentum_buffers], ("grads", "momentum_buffers")
+    ).items():
         kernel("sgd_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=lr,
             dampening=dampening, nesterov=nesterov, maximize=maximize,
@@ -107,7 +117,9 @@ def adam(
     requested = _backends.normalize(backend)
     moved: dict[str, Any] = {"scale": {}, "inf": {}}
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
-    for (device, _), (p, g, m, v, vmax, s) in _grouped(lists).items():
+    for (device, _), (p, g, m, v, vmax, s) in _grouped(
+        lists, ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
+    ).items():
         kernel("adam_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
             eps=eps, amsgrad=amsgrad, maximize=maximize,

@@ -163,11 +163,6 @@ def test_sparse_grad_raises_like_torch_and_modifies_nothing(name, steps_before, 
     assert_unchanged(opt, params, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.optim.SGD trains with sparse grads (nn.Embedding(sparse=True)); fused_opt.SGD "
-    "raises RuntimeError instead. Reported to the lead: delegate such groups to torch.optim.SGD.",
-)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_with_sparse_grads_trains_like_torch(momentum):
     models = [nn.Embedding(10, 3, sparse=True) for _ in range(2)]

@@ -40,8 +40,16 @@ class Bucket:
 
     __slots__ = ("device", "kernels", "index", "owners", "params", "state", "viewed", "first_step")
 
-    def __init__(self, device: torch.device, op: str, backend: str, index: list[int],
-                 owners: list[Tensor], state: list[list[Tensor]], first_step: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        device: torch.device,
+        op: str,
+        backend: str,
+        index: list[int],
+        owners: list[Tensor],
+        state: list[list[Tensor]],
+        first_step: bool,
+    ) -> None:
         self.device = device
         # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
         self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
@@ -63,18 +71,19 @@ class Bucket:
 class Plan:
     """A group's buckets, valid while its params list and the set of params with grads hold."""
 
-    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "stale")
+    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "stale", "sparse")
 
     def __init__(self, params: list[Tensor], missing: list[int], flags: tuple,
-                 buckets: list[Bucket]) -> None:  # fmt: skip
+                 buckets: list[Bucket], sparse: bool = False) -> None:  # fmt: skip
         self.params = params
+        self.sparse = sparse  # the group has sparse grads: rebuilt at every step
         self.size = len(params)
         self.missing = missing
         self.flags = flags
         self.buckets = buckets
         # One bucket over every param of the group: the grads list is passed as it is.
         self.whole_group = len(buckets) == 1 and not missing
-        self.stale = False
+        self.stale = sparse
 
     def fits(self, params: list[Tensor], missing: list[int], flags: tuple) -> bool:
         return (not self.stale and self.params is params and self.size == len(params)
@@ -82,7 +91,7 @@ class Plan:
 
 
 class FusedOptimizer:
-    """Mixin placed before a torch.optim class (``class Adam(FusedOptimizer, torch.optim.Adam)``)."""
+    """Mixin placed before a torch.optim class: ``class Adam(FusedOptimizer, torch.optim.Adam)``."""
 
     _op: str  # the fused op this optimizer calls: "sgd_" or "adam_"
     _plans: dict[int, Plan]
@@ -110,6 +119,20 @@ class FusedOptimizer:
     def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
         raise NotImplementedError
+
+    # Sparse grads: groups that have them run torch.optim's own step (SGD), or are refused.
+    _supports_sparse = False
+
+    def _sparse_step(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _check_dense(self, grads: list[Tensor | None]) -> None:
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients"
+                    + (", please consider SparseAdam instead" if self._op == "adam_" else "")
+                )
 
     # ---- torch.optim.Optimizer overrides --------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,6 +193,13 @@ class FusedOptimizer:
                 plan = self._plans.get(id(group))
                 if plan is None or not plan.fits(params, missing, flags):
                     plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
+                elif len(plan.buckets) > 1:
+                    # Each kernel checks its own tensors; a group that spans several must be
+                    # refused whole, before its first bucket writes anything.
+                    self._check_dense(grads)
+                if plan.sparse:
+                    self._sparse_step(group)
+                    continue
                 for bucket in plan.buckets:
                     self._launch(
                         group,
@@ -187,12 +217,9 @@ class FusedOptimizer:
                     flags: tuple) -> Plan:  # fmt: skip
         params = group["params"]
         with_grad = [i for i, g in enumerate(grads) if g is not None]
-        for i in with_grad:  # checked before any state is created
-            if grads[i].is_sparse:  # type: ignore[union-attr]
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients"
-                    + (", please consider SparseAdam instead" if self._op == "adam_" else "")
-                )
+        if self._supports_sparse and any(grads[i].is_sparse for i in with_grad):  # type: ignore[union-attr]
+            return Plan(params, missing, flags, [], sparse=True)
+        self._check_dense(grads)  # before any state is created
         by_key: dict[tuple, list[int]] = {}
         for i in with_grad:
             p = params[i]

@@ -41,7 +41,9 @@ class _AdamFamily(FusedOptimizer):
                 created = True
                 # Where torch.optim puts it: on the device when capturable or fused.
                 on_device = group["capturable"] or group["fused"]
-                state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device if on_device else "cpu")
+                state["step"] = torch.zeros(
+                    (), dtype=_step_dtype(), device=p.device if on_device else "cpu"
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
 from ._base import Bucket, FusedOptimizer, kernel_view
 
@@ -48,6 +49,31 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
         self._step_supports_amp_scaling = not differentiable
 
+    # torch.optim.SGD trains with sparse grads (nn.Embedding(sparse=True)); so do we, through
+    # its own implementation for the groups that have them.
+    _supports_sparse = True
+
+    def _sparse_step(self, group: dict[str, Any]) -> None:
+        if group["weight_decay"] != 0:
+            # torch.optim.SGD fails here too, but only after updating the params before.
+            raise RuntimeError(
+                "SGD with weight_decay does not support sparse gradients: "
+                "add(sparse, dense) is not supported"
+            )
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        buffers: list[Tensor | None] = []
+        has_sparse_grad = torch.optim.SGD._init_group(self, group, params, grads, buffers)
+        torch_sgd(
+            params, grads, buffers, weight_decay=group["weight_decay"],
+            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=group["maximize"],
+            has_sparse_grad=has_sparse_grad, foreach=False, fused=False,
+        )  # fmt: skip
+        if group["momentum"] != 0:
+            for p, buffer in zip(params, buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buffer
+
     def _plan_flags(self, group: dict[str, Any]) -> tuple:
         return (group["momentum"] != 0,)
 
@@ -82,5 +108,6 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             maximize=group["maximize"], is_first_step=bucket.first_step,
             grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
-        for p, buffer in zip(bucket.owners, new_buffers):
-            self.state[p]["momentum_buffer"] = buffer
+        if bucket.first_step:
+            for p, buffer in zip(bucket.owners, new_buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buffer
