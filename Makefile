@@ -44,14 +44,14 @@ wheel: install
 
 lint: | $(PY)
 	$(PIP) ruff clang-format
-	$(VENV)/bin/ruff check fused_opt tests bench examples setup.py
-	$(VENV)/bin/ruff format --check fused_opt tests bench examples setup.py
+	$(VENV)/bin/ruff check fused_opt tests bench examples tools setup.py
+	$(VENV)/bin/ruff format --check fused_opt tests bench examples tools setup.py
 	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format --dry-run -Werror
 
 format: | $(PY)
 	$(PIP) ruff clang-format
-	$(VENV)/bin/ruff check --fix fused_opt tests bench examples setup.py
-	$(VENV)/bin/ruff format fused_opt tests bench examples setup.py
+	$(VENV)/bin/ruff check --fix fused_opt tests bench examples tools setup.py
+	$(VENV)/bin/ruff format fused_opt tests bench examples tools setup.py
 	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format -i
 
 clean:

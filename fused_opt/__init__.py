@@ -4,6 +4,7 @@ from . import _ops  # noqa: F401  (defines the ops and loads the compiled kernel
 from ._backends import available_backends
 from .optim import SGD, Adam, AdamW
 
-__version__ = "0.1.0"
+# With a local label such as +torch2.13cpu when built with kernels.
+__version__: str = _ops.BUILD_INFO.get("version", "0.1.0")
 
 __all__ = ["SGD", "Adam", "AdamW", "__version__", "available_backends"]

@@ -106,15 +106,24 @@ def _load_native() -> None:
             LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
 
 
-def _warn_if_missing() -> None:
-    if "cpp" in COMPILED or os.environ.get("FUSED_OPT_BACKEND", "").lower() == "torch":
-        return
+def _missing_reasons() -> list[str]:
+    """Why compiled kernels that this machine could run are not running (empty: all is well)."""
     if BUILD_INFO.get("extensions") is False:
-        reason = "this install was built without compiled kernels (FUSED_OPT_BUILD_EXT=0)"
-    else:
-        reason = f"the compiled kernels did not load ({LOAD_ERRORS.get('cpp', 'not built')})"
+        return ["this install was built without compiled kernels (FUSED_OPT_BUILD_EXT=0)"]
+    reasons = []
+    if "cpp" not in COMPILED:
+        reasons.append(f"the CPU kernels did not load ({LOAD_ERRORS.get('cpp', 'not built')})")
+    if BUILD_INFO.get("cuda_version") and torch.cuda.is_available() and "cuda" not in COMPILED:
+        reasons.append(f"the CUDA kernels did not load ({LOAD_ERRORS.get('cuda')})")
+    return reasons
+
+
+def _warn_if_missing() -> None:
+    reasons = _missing_reasons()
+    if not reasons or os.environ.get("FUSED_OPT_BACKEND", "").lower() == "torch":
+        return
     warnings.warn(
-        f"fused_opt: {reason}; the pure-PyTorch backend runs instead. {_REMEDY}",
+        f"fused_opt: {'; '.join(reasons)}; the pure-PyTorch backend runs instead. {_REMEDY}",
         FallbackWarning,
         stacklevel=3,
     )
