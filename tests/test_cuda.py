@@ -118,10 +118,12 @@ def test_glue_signatures_match_the_op_schemas(tmp_path):
 class HostLaunches:
     """ctypes front end of csrc/cuda/testing/host_harness.cpp.
 
-    ``sgd()`` / ``adam()`` run launch_sgd / launch_adam on the host for fp32 and fp64 tensors: the
+    ``sgd()`` / ``adam()`` run launch_sgd / launch_adam on the host for fp32, fp64 and bf16: the
     kernels' own dtype grouping, table packing, chunk lookup, vector and scalar paths and math,
     every (block, thread) of every launch in turn. They return the number of launches.
     """
+
+    DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -148,7 +150,7 @@ class HostLaunches:
         )
 
     def _common(self, params):
-        dtypes = self._array(ctypes.c_int, [int(p.dtype == torch.float64) for p in params])
+        dtypes = self._array(ctypes.c_int, [self.DTYPE_CODES[p.dtype] for p in params])
         numels = self._array(ctypes.c_int64, [p.numel() for p in params])
         return dtypes, numels
 
@@ -334,7 +336,10 @@ def _ragged_lists(dtype, aligned: bool, lists: int, seed: int = 0):
     ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+HOST_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 def test_host_emulated_adam_matches_the_reference_kernel_on_ragged_sizes(
@@ -360,7 +365,7 @@ def test_host_emulated_adam_matches_the_reference_kernel_on_ragged_sizes(
             torch.testing.assert_close(a, b, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 def test_host_emulated_sgd_matches_the_reference_kernel_on_ragged_sizes(host, aligned, dtype):
     ours, ref = _ragged_lists(dtype, aligned, 3), _ragged_lists(dtype, aligned, 3)
@@ -393,7 +398,8 @@ def test_host_emulated_launch_count_depends_on_tensor_count_only(host):
     assert adam_launches([(8,)] * (3 * adam_capacity)) == 3
     assert adam_launches([(300_000,)] * 4) == 1  # sizes do not matter: 20 chunks, one launch
     assert adam_launches([(0,)] * 5) == 0  # nothing to do
-    assert adam_launches([(8,)] * 10, dtypes=(torch.float32, torch.float64)) == 2  # per dtype
+    mixed = (torch.float32, torch.float64, torch.bfloat16)
+    assert adam_launches([(8,)] * 10, dtypes=mixed) == 3  # one group per dtype
     assert sgd_launches(sgd_capacity + 1) == 2
 
 

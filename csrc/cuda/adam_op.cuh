@@ -127,13 +127,17 @@ struct AdamGroup {
   }
 };
 
+inline AdamArgs make_adam_args(const AdamOptions& options) {
+  return AdamArgs{options.lr,           options.beta1,    options.beta2,
+                  options.weight_decay, options.eps,      options.grad_scale,
+                  options.found_inf,    options.maximize, options.decoupled_weight_decay};
+}
+
 // One Adam/AdamW step over `count` tensors of any dtypes: one group of launches per dtype.
 template <typename Launcher>
 bool run_adam(const AdamTensor* tensors, int64_t count, const AdamOptions& options,
               Launcher& launcher) {
-  const AdamArgs args{options.lr,           options.beta1,    options.beta2,
-                      options.weight_decay, options.eps,      options.grad_scale,
-                      options.found_inf,    options.maximize, options.decoupled_weight_decay};
+  const AdamArgs args = make_adam_args(options);
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;
     AdamGroup<Launcher> group{tensors, count, dtype, options, args, launcher};

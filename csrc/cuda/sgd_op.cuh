@@ -84,13 +84,17 @@ struct SgdGroup {
   }
 };
 
+inline SgdArgs make_sgd_args(const SgdOptions& options) {
+  return SgdArgs{options.lr,        options.weight_decay, options.momentum,
+                 options.dampening, options.grad_scale,   options.found_inf,
+                 options.nesterov,  options.maximize,     options.is_first_step};
+}
+
 // One SGD step over `count` tensors of any dtypes: one group of launches per dtype.
 template <typename Launcher>
 bool run_sgd(const SgdTensor* tensors, int64_t count, const SgdOptions& options,
              Launcher& launcher) {
-  const SgdArgs args{options.lr,        options.weight_decay, options.momentum,
-                     options.dampening, options.grad_scale,   options.found_inf,
-                     options.nesterov,  options.maximize,     options.is_first_step};
+  const SgdArgs args = make_sgd_args(options);
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;
     SgdGroup<Launcher> group{tensors, count, dtype, args, launcher};

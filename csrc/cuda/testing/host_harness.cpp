@@ -1,17 +1,46 @@
 // Host emulation of the CUDA launches, for GPU-less tests (tests/test_cuda.py).
 //
 // Built with g++ into a small shared library and driven through ctypes. It runs the very code of
-// the kernels (sgd_op.cuh, adam_op.cuh, multi_tensor_apply.cuh, optimizer_math.cuh) for fp32 and
-// fp64: the same dtype grouping and table packing as the GPU launchers, then, for each packed
-// table, what a launch does: process_chunk for every (block, thread). Threads share nothing, so
-// running them one after another gives the GPU's result up to FMA contraction. It checks the
-// math, the chunk lookup, the vector and scalar paths and the launch count without a GPU.
+// the kernels (sgd_op.cuh, adam_op.cuh, multi_tensor_apply.cuh, optimizer_math.cuh) for fp32,
+// fp64 and bf16: the same table packing as the GPU launchers, then, for each packed table, what a
+// launch does: process_chunk for every (block, thread). Threads share nothing, so running them
+// one after another gives the GPU's result up to FMA contraction. It checks the math, the chunk
+// lookup, the vector and scalar paths and the launch count without a GPU. bf16 (8 elements per
+// vector, half the ILP) uses the host conversions below in place of cuda_bf16.h's.
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../adam_op.cuh"
 #include "../multi_tensor_apply.cuh"
 #include "../sgd_op.cuh"
+
+namespace fused_opt {
+namespace cuda {
+
+// bfloat16 storage for the host build; round to nearest even on store, NaN stays NaN.
+struct HostBFloat16 {
+  uint16_t bits;
+};
+
+inline float to_compute(HostBFloat16 x) {
+  const uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <>
+inline HostBFloat16 from_compute<HostBFloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return HostBFloat16{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return HostBFloat16{uint16_t(u >> 16)};
+}
+
+}  // namespace cuda
+}  // namespace fused_opt
 
 namespace {
 
@@ -33,7 +62,25 @@ struct HostEmulator {
   }
 };
 
-DType host_dtype(int is_double) { return is_double ? DType::kFloat64 : DType::kFloat32; }
+// dtype codes of the ctypes interface: 0 fp32, 1 fp64, 2 bf16.
+DType host_dtype(int code) {
+  return code == 1 ? DType::kFloat64 : code == 2 ? DType::kBFloat16 : DType::kFloat32;
+}
+
+// run_sgd / run_adam's dtype loop, with the host's bf16 type.
+template <typename TensorDesc, typename MakeGroup>
+bool run_groups(const std::vector<TensorDesc>& tensors, MakeGroup make_group) {
+  for (const DType dtype : kAllDTypes) {
+    if (!contains_dtype(tensors.data(), static_cast<int64_t>(tensors.size()), dtype)) continue;
+    auto group = make_group(dtype);
+    bool ok = false;
+    if (dtype == DType::kFloat32) ok = group.template run<float>();
+    if (dtype == DType::kFloat64) ok = group.template run<double>();
+    if (dtype == DType::kBFloat16) ok = group.template run<HostBFloat16>();
+    if (!ok) return false;
+  }
+  return true;
+}
 
 LearningRate learning_rate(double value, const void* device_ptr, int device_is_double) {
   return LearningRate{value, device_ptr, device_is_double != 0};
@@ -43,8 +90,9 @@ LearningRate learning_rate(double value, const void* device_ptr, int device_is_d
 
 extern "C" {
 
-// launch_sgd over `count` tensors; dtypes[i]: 0 fp32, 1 fp64. Returns the number of launches, or
-// -1 when the launcher refused. `bufs` is null without momentum; lr_ptr null for a float lr.
+// launch_sgd over `count` tensors; dtypes[i]: 0 fp32, 1 fp64, 2 bf16. Returns the number of
+// launches, or -1 when the launcher refused. `bufs` is null without momentum; lr_ptr null for a
+// float lr.
 int64_t harness_sgd(int64_t count, const int* dtypes, const int64_t* numels, void* const* params,
                     void* const* grads, void* const* bufs, double lr, const void* lr_ptr,
                     int lr_is_double, double weight_decay, double momentum, double dampening,
@@ -66,7 +114,11 @@ int64_t harness_sgd(int64_t count, const int* dtypes, const int64_t* numels, voi
   options.grad_scale = grad_scale;
   options.found_inf = found_inf;
   HostEmulator emulator;
-  return run_sgd(tensors.data(), count, options, emulator) ? emulator.launches : -1;
+  const SgdArgs args = make_sgd_args(options);
+  const bool ok = run_groups(tensors, [&](DType dtype) {
+    return SgdGroup<HostEmulator>{tensors.data(), count, dtype, args, emulator};
+  });
+  return ok ? emulator.launches : -1;
 }
 
 // launch_adam likewise. Non-capturable: new_steps[i] is tensor i's step after the increment.
@@ -107,7 +159,11 @@ int64_t harness_adam(int64_t count, const int* dtypes, const int64_t* numels, vo
   options.grad_scale = grad_scale;
   options.found_inf = found_inf;
   HostEmulator emulator;
-  return run_adam(tensors.data(), count, options, emulator) ? emulator.launches : -1;
+  const AdamArgs args = make_adam_args(options);
+  const bool ok = run_groups(tensors, [&](DType dtype) {
+    return AdamGroup<HostEmulator>{tensors.data(), count, dtype, options, args, emulator};
+  });
+  return ok ? emulator.launches : -1;
 }
 
 int harness_max_tensors_per_launch(int adam, int extra_list) {
