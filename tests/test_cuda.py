@@ -810,3 +810,27 @@ def test_capturing_a_step_with_host_step_counts_raises():
         with torch.cuda.graph(graph):
             torch.ops.fused_opt.adam_(p, g, m, v, [], steps, **kwargs)
     assert steps[0].item() == 1.0
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_grads_laid_out_unlike_their_param_are_read_through_a_copy():
+    def inputs():
+        torch.manual_seed(0)
+        params = [torch.randn(16, 8, device="cuda").t(), torch.randn(8, 16, device="cuda")]
+        grads = [
+            torch.randn(8, 16, device="cuda"),  # contiguous, its param is transposed
+            torch.randn(8, 32, device="cuda")[:, ::2],  # not dense at all
+        ]
+        return params, grads, [torch.rand_like(p) for p in params]
+
+    options = dict(
+        weight_decay=0.1, momentum=0.9, lr=0.1, dampening=0.0, nesterov=True, maximize=False,
+        is_first_step=False,
+    )  # fmt: skip
+    ours, ref = inputs(), inputs()
+    torch.ops.fused_opt.sgd_(*ours, **options)
+    _torch_kernels.sgd_(*ref, **options)
+    for mine, theirs in zip(ours, ref, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])

@@ -64,8 +64,10 @@ void check_param(const char* op, size_t i, const Tensor& p, const c10::Device& d
               "] is not dense (a strided view); the CUDA kernels need dense params");
 }
 
-void check_like_param(const char* op, const char* name, size_t i, const Tensor& t,
-                      const Tensor& p) {
+// State tensors are written in place, so they must share their param's layout; grads may differ
+// (they are then read through a copy, see grads_in_param_layout).
+void check_like_param(const char* op, const char* name, size_t i, const Tensor& t, const Tensor& p,
+                      bool same_layout) {
   TORCH_CHECK(t.layout() == c10::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
               t.layout(), "; sparse gradients are not supported");
   TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name, "[",
@@ -74,8 +76,8 @@ void check_like_param(const char* op, const char* name, size_t i, const Tensor& 
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
               "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
               "]");
-  TORCH_CHECK(same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i, "] has strides ",
-              t.strides(), ", expected ", p.strides(), " like params[", i, "]");
+  TORCH_CHECK(!same_layout || same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
+              "] has strides ", t.strides(), ", expected ", p.strides(), " like params[", i, "]");
 }
 
 void check_lists(const char* op, TensorList params, TensorList grads,
@@ -85,9 +87,23 @@ void check_lists(const char* op, TensorList params, TensorList grads,
               ", not on a CUDA device");
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(op, i, params[i], device);
-    check_like_param(op, "grads", i, grads[i], params[i]);
-    for (const auto& [name, list] : states) check_like_param(op, name, i, list[i], params[i]);
+    check_like_param(op, "grads", i, grads[i], params[i], /*same_layout=*/false);
+    for (const auto& [name, list] : states) {
+      check_like_param(op, name, i, list[i], params[i], /*same_layout=*/true);
+    }
   }
+}
+
+// The grads as the kernels read them: a grad laid out unlike its param (e.g. contiguous for a
+// channels_last param, or a strided view) is copied into the param's layout on the current stream.
+std::vector<Tensor> grads_in_param_layout(TensorList params, TensorList grads) {
+  std::vector<Tensor> readable(grads.begin(), grads.end());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (same_dense_layout(grads[i], params[i])) continue;
+    readable[i] = params[i].new_empty_strided(params[i].sizes(), params[i].strides());
+    readable[i].copy_(grads[i]);
+  }
+  return readable;
 }
 
 // grad_scale / found_inf: fp32 scalars on the params' device, read by the kernels.
@@ -160,14 +176,15 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
 
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const std::vector<Tensor> readable_grads = grads_in_param_layout(params, grads);
   std::vector<SgdTensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
     tensors[i] = SgdTensor{dtype_of(params[i], op, i), params[i].numel(),
-                           params[i].mutable_data_ptr(), grads[i].const_data_ptr(),
+                           params[i].mutable_data_ptr(), readable_grads[i].const_data_ptr(),
                            use_buffers ? momentum_buffers[i].mutable_data_ptr() : nullptr};
   }
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(op, launch_sgd(tensors.data(), static_cast<int64_t>(n), options, stream));
 }
 
@@ -285,6 +302,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
   }
 
+  const std::vector<Tensor> readable_grads = grads_in_param_layout(params, grads);
   std::vector<AdamTensor> tensors(n);
   std::vector<double> new_steps(n);
   std::vector<void*> device_steps[2];  // fp32 and fp64 counters
@@ -293,7 +311,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     t.dtype = dtype_of(params[i], op, i);
     t.numel = params[i].numel();
     t.param = params[i].mutable_data_ptr();
-    t.grad = grads[i].const_data_ptr();
+    t.grad = readable_grads[i].const_data_ptr();
     t.exp_avg = exp_avgs[i].mutable_data_ptr();
     t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
     t.max_exp_avg_sq = h.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
