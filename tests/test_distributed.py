@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 
@@ -75,6 +76,18 @@ def assert_same_params(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> 
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class FusedOpCounter(TorchDispatchMode):
+    """Counts the fused_opt ops that reach the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.namespace == "fused_opt"
+        return func(*args, **(kwargs or {}))
+
+
 def sharded(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -104,6 +117,8 @@ def scenario_fsdp2(backend: str) -> None:
     """fully_shard: same params as torch.optim; state as DTensors placed like their params."""
     from torch.distributed.tensor import DTensor
 
+    # backend="torch" next to the loaded C++ kernels calls the Python kernel without the op.
+    reaches_dispatcher = not (backend == "torch" and "cpp" in fused_opt.available_backends())
     for fused_cls, torch_cls, kwargs in [
         (fused_opt.AdamW, torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True}),
         (fused_opt.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
@@ -112,8 +127,13 @@ def scenario_fsdp2(backend: str) -> None:
         for cls, extra in ((fused_cls, {"backend": backend}), (torch_cls, {})):
             model = sharded(make_model())
             opt = cls(model.parameters(), **kwargs, **extra)
-            train(model, opt, range(4))
+            train(model, opt, range(3))
+            with FusedOpCounter() as counter:
+                train(model, opt, range(3, 4))
             results.append(full_params(model))
+            if cls is fused_cls and reaches_dispatcher:
+                # One kernel call for all the local shards of the group (a cached plan).
+                assert counter.calls == 1, f"{counter.calls} fused op calls in one step"
             if cls is fused_cls:
                 # The 1-element bias: one rank holds an empty shard and steps it all the same.
                 empty = torch.tensor([int(model[-1].bias.to_local().numel() == 0)])
