@@ -131,13 +131,14 @@ def cpu_extension(root: Path, isas: list[str]):
     if sys.platform == "win32":  # the ISA flags and cpu detection below are GCC/Clang's
         isas = []
     cpu = "csrc/cpu"
-    sources = [
-        f"{cpu}/{name}.cpp" for name in ("ops", "step", "isa", "module", "kernels_baseline")
-    ]
+    sources = [f"{cpu}/{name}.cpp" for name in ("ops", "step", "isa", "module", "kernels_baseline")]
+    # at::parallel_for is a header template: without OpenMP in *our* objects it runs serially.
+    openmp = {"linux": ["-fopenmp"], "win32": ["/openmp"]}.get(sys.platform, [])
     ext = CppExtension(
         "fused_opt._C",
         sources,
-        extra_compile_args=[] if sys.platform == "win32" else CPU_KERNEL_FLAGS,
+        extra_compile_args=openmp + ([] if sys.platform == "win32" else CPU_KERNEL_FLAGS),
+        extra_link_args=openmp if sys.platform == "linux" else [],
         define_macros=[(f"FUSED_OPT_HAVE_{isa.upper()}", "1") for isa in isas],
         depends=[str(path.relative_to(root)) for path in sorted((root / cpu).glob("*.h"))],
     )

@@ -535,8 +535,8 @@ BAD_ADAM_INPUTS = {
         lambda s, g: ((s[0], s[1], s[2][:-1] + [s[2][-1].half()], *s[3:]), g),
         "exp_avg_sqs[3] has dtype",
     ),
-    "step dtype": (
-        lambda s, g: ((*s[:4], s[4][:-1] + [torch.tensor(1.0, dtype=torch.float64)]), g),
+    "step shape": (
+        lambda s, g: ((*s[:4], s[4][:-1] + [torch.tensor([1.0, 2.0])]), g),
         "steps[3] must be a one-element float32",
     ),
     "int param": (
@@ -743,3 +743,19 @@ def test_in_place_updates_bump_version_counters():
     assert all(b == a + 1 for a, b in zip(v1, v2, strict=True))
     run_adam(torch.ops.fused_opt.adam_, state, g, opts, found_inf=torch.tensor(1.0))
     assert versions() == v2  # a skipped step changes nothing, not even the versions
+
+
+def test_float64_step_counts_work_like_float32(isa):
+    """torch.optim keeps `step` in float64 when that is the default dtype."""
+    opts = dict(amsgrad=False, maximize=False, weight_decay=0.1, decoupled_weight_decay=True)
+    a = adam_state(SHAPES, torch.float32)
+    b = tuple(clone(x) for x in a[:4]) + ([s.double() for s in a[4]],)
+    grads = grad_stream(SHAPES, torch.float32)
+    for _ in range(3):
+        g = next(grads)
+        run_adam(torch.ops.fused_opt.adam_, a, g, opts)
+        run_adam(torch.ops.fused_opt.adam_, b, g, opts)
+    for x, y in zip(a[:4], b[:4], strict=True):
+        assert_bitwise(x, y)
+    assert [s.item() for s in a[4]] == [s.item() for s in b[4]]
+    assert all(s.dtype == torch.float64 for s in b[4])

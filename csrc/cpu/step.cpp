@@ -238,10 +238,10 @@ AdamPlan plan_adam(const AdamCall& call) {
       check_like_param(kOp, "max_exp_avg_sqs", i, x, p);
       if (call.amsgrad) vmax = x.mutable_data_ptr();
     }
-    TORCH_CHECK(s.defined() && s.scalar_type() == at::kFloat && s.numel() == 1 &&
-                    s.device().is_cpu() && plain_memory(s),
-                "fused_opt.adam_: steps[", i, "] must be a one-element float32 CPU tensor, got ",
-                s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
+    TORCH_CHECK(s.defined() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                    s.numel() == 1 && s.device().is_cpu() && plain_memory(s),
+                "fused_opt.adam_: steps[", i, "] must be a one-element float32 (or float64) CPU "
+                "tensor, got ", s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
     const int dtype = dtype_index(p.scalar_type());
     work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, *plan.grad_copies),
                     m.mutable_data_ptr(),
@@ -253,16 +253,25 @@ AdamPlan plan_adam(const AdamCall& call) {
 
   // Bias corrections from each tensor's own step, in double as torch.optim computes them
   // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
-  float last_step = -1.0f;
+  double last_step = -1.0;
   double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
   for (size_t i = 0; i < n; ++i) {
+    // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
+    // that is the default dtype), then used as a Python float.
     const at::Tensor& s = call.steps[i];
-    float* count = s.mutable_data_ptr<float>();
-    const float step = *count + 1.0f;
-    *count = step;
+    double step;
+    if (s.scalar_type() == at::kFloat) {
+      float* count = s.mutable_data_ptr<float>();
+      *count += 1.0f;
+      step = *count;
+    } else {
+      double* count = s.mutable_data_ptr<double>();
+      *count += 1.0;
+      step = *count;
+    }
     if (step != last_step) {
-      const double bias_correction1 = 1.0 - std::pow(call.beta1, double(step));
-      const double bias_correction2 = 1.0 - std::pow(call.beta2, double(step));
+      const double bias_correction1 = 1.0 - std::pow(call.beta1, step);
+      const double bias_correction2 = 1.0 - std::pow(call.beta2, step);
       neg_step_size = -(call.lr / bias_correction1);
       bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
       last_step = step;
