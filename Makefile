@@ -27,7 +27,7 @@ $(PY):
 # The build needs torch's headers: install torch first, then build against it.
 install: | $(PY)
 	$(PIP) "torch==$(TORCH_VERSION)" setuptools wheel ninja
-	$(PIP) --no-build-isolation -e ".[test,bench,dev]"
+	$(PIP) --no-build-isolation -e ".[test,bench,dev,examples]"
 
 test: install cuda-check
 	$(PY) -m pytest -q tests
