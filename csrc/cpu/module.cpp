@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdlib>
+#include <exception>
 #include <vector>
 
 #include "isa.h"
@@ -88,8 +89,16 @@ PyObject* step(const Call& call) {
         return plan_adam(call);
       }
     }();
-    Py_BEGIN_ALLOW_THREADS run_plan(plan);
+    // Nothing may leave the GIL-free block by an exception (it would skip re-taking the GIL).
+    std::exception_ptr error;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      run_plan(plan);
+    } catch (...) {
+      error = std::current_exception();
+    }
     Py_END_ALLOW_THREADS
+    if (error) std::rethrow_exception(error);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
