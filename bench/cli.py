@@ -22,7 +22,7 @@ from . import report
 from .compare import Case, Result, add_floor, add_speedups, run_cases
 from .e2e import LMConfig, run_e2e
 from .implementations import discover
-from .measure import NOISY_SPREAD, Timing, measure_bandwidth
+from .measure import NOISY_SPREAD, BandwidthProbe, Timing, measure_bandwidth
 from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element
 
 RESULTS_DIR = Path(__file__).with_name("results")
@@ -234,24 +234,25 @@ def _measure_all(
         before = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
         rates = ", ".join(f"{k} {v:.1f}" for k, v in before.by_pattern.items())
         _progress(f"bandwidth ({threads} threads): {before.gb_per_s:.1f} GB/s (best of {rates})")
-        measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads)
-        # Measured again at the end: a shift means the machine's load changed during the run.
-        # The floor uses the higher of the two: a busy machine must not flatter the results.
+        probe = BandwidthProbe(device, plan.bandwidth_elements)
+        measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads, probe)
         after = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
-        floor = max(before.gb_per_s, after.gb_per_s)
-        drift = abs(after.gb_per_s - before.gb_per_s) / floor
+        del probe.x
+        # The best rate seen anywhere in the run: a busy moment must not flatter the results.
+        seen = [before.gb_per_s, after.gb_per_s, *probe.rates]
+        floor, low = max(seen), min(seen)
         add_floor(measured, floor)
         results += measured
         bandwidths[threads] = {
             "floor_gb_per_s": floor,
             "before": before.as_dict(),
             "after": after.as_dict(),
-            "drift": drift,
+            "probes_gb_per_s": probe.rates,
         }
-        if drift > NOISY_SPREAD:
+        if (floor - low) / floor > NOISY_SPREAD:
             notes.append(
-                f"bandwidth moved {100 * drift:.0f}% during the run ({threads} threads: "
-                f"{before.gb_per_s:.1f} -> {after.gb_per_s:.1f} GB/s): the machine is busy"
+                f"memory bandwidth ({threads} threads) varied from {low:.1f} to {floor:.1f} GB/s "
+                "during the run (other load on the machine); the floor uses the highest"
             )
     torch.set_num_threads(default_threads)
     add_speedups(results, NOISY_SPREAD)

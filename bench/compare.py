@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,8 +75,12 @@ def run_cases(
     device: torch.device,
     timing: dict[str, Timing],
     threads: int,
+    before_each: Callable[[], object] = lambda: None,
 ) -> list[Result]:
-    """Time every implementation on every case; ``timing`` maps workload names to settings."""
+    """Time every implementation on every case; ``timing`` maps workload names to settings.
+
+    ``before_each`` runs before each (workload, dtype, optimizer) group (a bandwidth probe).
+    """
     cases = list(cases)
     total = sum(len(c.optimizers) for c in cases) * len(impls)
     done = 0
@@ -90,6 +94,7 @@ def run_cases(
             p.requires_grad_(True)
             p.grad = g
         for opt_name in case.optimizers:
+            before_each()
             spec = OPTIMIZERS[opt_name]
             nbytes = bytes_per_element(spec, dtype) * workload.elements
             for impl in impls:

@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "NOISY_SPREAD",
+    "BandwidthProbe",
     "Samples",
     "Timing",
     "measure_bandwidth",
@@ -139,3 +140,30 @@ def measure_bandwidth(
         spreads[name] = samples.spread
     best = max(rates, key=rates.__getitem__)
     return Bandwidth(rates[best], rates, spreads[best], elements)
+
+
+class BandwidthProbe:
+    """A short in-place pass (``x *= c``, 256 MB) repeated through the run, before every case.
+
+    A shared machine's memory bandwidth changes with its neighbours' load, by half and more
+    within minutes; the floor uses the best rate seen by any measurement of the run, so a busy
+    moment cannot make the results look closer to the floor than they are.
+    """
+
+    def __init__(self, device: torch.device, elements: int = 2**26) -> None:
+        self.device = device
+        self.x = torch.rand(elements, generator=torch.Generator().manual_seed(2)).to(device)
+        self.rates: list[float] = []
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            out = torch.empty_like(self.x)
+            samples = time_calls(lambda: out.copy_(self.x), self.device, _PROBE_TIMING)
+        else:
+            samples = time_calls(lambda: self.x.mul_(1.0000001), self.device, _PROBE_TIMING)
+        rate = 2 * self.x.element_size() * self.x.numel() / samples.median / 1e9
+        self.rates.append(rate)
+        return rate
+
+
+_PROBE_TIMING = Timing(warmup=1, min_repeats=5, max_repeats=5, budget_s=0.0)
