@@ -49,8 +49,8 @@ class LMConfig:
     n_heads: int = 6
     context: int = 64
     batch: int = 16
-    steps: int = 30
-    warmup_steps: int = 4  # trained and in the loss curve, but not timed
+    steps: int = 20
+    warmup_steps: int = 3  # trained and in the loss curve, but not timed
     lr: float = 1e-3
     weight_decay: float = 0.1
 
