@@ -25,9 +25,11 @@ __all__ = [
 ]
 
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """The 148 parameter shapes of GPT-2 small (124,439,808 elements), in model order."""
-    d, vocab, context, layers = 768, 50257, 1024, 12
+def gpt2_small_shapes(
+    d: int = 768, layers: int = 12, context: int = 1024, vocab: int = 50257
+) -> list[tuple[int, ...]]:
+    """The 148 parameter shapes of GPT-2 small (124,439,808 elements), in model order; other
+    sizes of the same architecture with other arguments."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]  # wte, wpe
     for _ in range(layers):
         shapes += [
@@ -70,6 +72,13 @@ WORKLOADS: dict[str, Workload] = {
         Workload("gpt2-small", tuple(gpt2_small_shapes()), "GPT-2 small: 124M params, 148 tensors"),
         Workload("many-small", ((4096,),) * 2000, "2000 tensors of 4096"),
         Workload("tiny", ((16,),) * 2000, "2000 tensors of 16: per-step overhead"),
+        # A GPU-sized set (1.16B params, 4.6 GB in fp32 before grads and state): select it by
+        # name, e.g. `--workloads gpt-1b` on a GPU machine; no CPU mode runs it.
+        Workload(
+            "gpt-1b",
+            tuple(gpt2_small_shapes(d=2048, layers=21, context=2048)),
+            "GPT-style 1.16B params (d 2048, 21 layers), 256 tensors",
+        ),
         Workload("tiny-100", ((16,),) * 100, "100 tensors of 16: the test suite's smoke run"),
         _large(2**25),
         _large(2**22),
