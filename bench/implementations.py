@@ -131,7 +131,7 @@ def _peer_impls(notes: list[str]) -> list[Implementation]:
     found = []
     for module, (label, make) in _PEERS.items():
         if importlib.util.find_spec(module) is None:
-            notes.append(f"{label}: not installed (pip install -e '.[bench]' adds the peers)")
+            notes.append(f"{label}: not installed (pip install -e '.[peers]' adds the peers)")
         else:
             found.append(make())
     return found
