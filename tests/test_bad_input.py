@@ -179,6 +179,22 @@ def test_sgd_with_sparse_grads_trains_like_torch(momentum):
     torch.testing.assert_close(models[0].weight, models[1].weight)
 
 
+def test_sgd_sparse_grad_in_a_cached_multi_dtype_group_runs_torchs_step(backend, device):
+    """A group whose plan spans two dtypes, then gets a sparse grad: torch.optim's SGD runs."""
+    params = [torch.randn(5, device=device), torch.randn(4, device=device, dtype=torch.float64)]
+    ours_params, ref_params = clone_params(params), clone_params(params)
+    ours = fused_opt.SGD(ours_params, lr=0.1, momentum=0.9, backend=backend)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    for step in range(4):
+        for p, q in zip(ours_params, ref_params, strict=True):
+            g = torch.full_like(p, 0.5 + step)
+            p.grad, q.grad = (_sparse(g), _sparse(g)) if step == 3 else (g, g.clone())
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params, strict=True):
+        torch.testing.assert_close(p, q)
+
+
 @pytest.mark.parametrize("steps_before", [0, 3], ids=["first-step", "cached-plan"])
 def test_sgd_sparse_grad_where_torch_fails_raises_and_modifies_nothing(
     steps_before, backend, device

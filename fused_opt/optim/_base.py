@@ -193,10 +193,11 @@ class FusedOptimizer:
                 plan = self._plans.get(id(group))
                 if plan is None or not plan.fits(params, missing, flags):
                     plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
-                elif len(plan.buckets) > 1:
-                    # Each kernel checks its own tensors; a group that spans several must be
-                    # refused whole, before its first bucket writes anything.
-                    self._check_dense(grads)
+                elif len(plan.buckets) > 1 and any(g is not None and g.is_sparse for g in grads):
+                    # Each kernel refuses sparse grads itself, but a group spanning several
+                    # buckets must be handled whole, before its first bucket writes: the plan
+                    # builder owns the policy (torch.optim's step for SGD, an error otherwise).
+                    plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
                 if plan.sparse:
                     self._sparse_step(group)
                     continue
