@@ -9,7 +9,7 @@ Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py
   TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0+PTX"  CUDA archs; unset: the visible GPUs', or without one
                                        DEFAULT_CUDA_ARCHS below.
   FUSED_OPT_CPU_ISAS    e.g. "avx2"    SIMD variants to compile besides the portable baseline
-                                       (default: all of avx2, avx512 on x86-64).
+                                       (default: all of avx2, avx512, avx512bf16 on x86-64).
   MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
   CXX, NVCC             paths          the compilers.
 
@@ -37,7 +37,7 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 VERSION = "0.1.0"
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"  # A100, H100/H200, B200 (+PTX for newer GPUs)
-X86_ISAS = ("avx2", "avx512")
+X86_ISAS = ("avx2", "avx512", "avx512bf16")
 
 
 def env_choice(name: str, default: str = "auto") -> str:
@@ -112,9 +112,10 @@ CPU_ISA_FLAGS = {
         "-mavx512bw",
         "-mavx512vl",
         "-mavx512dq",
-        "-Wno-maybe-uninitialized",
-    ],  # a false positive in GCC 12's own headers
+        "-Wno-maybe-uninitialized",  # a false positive in GCC 12's own headers
+    ],
 }
+CPU_ISA_FLAGS["avx512bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
 # FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
 CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 

@@ -447,12 +447,19 @@ def test_low_precision_special_values_round_like_torch(isa, dtype):
     assert_bitwise([p.float()], [expected.float()])
     # Computed values are rounded to nearest even like Tensor.to(): p = 0 - lr * g, in fp32.
     gen = torch.Generator().manual_seed(0)
-    g = (torch.randn(4000, generator=gen) * torch.logspace(-9, 5, 4000)).to(dtype)
-    for lr in (1 / 3, -3.0):  # -3: overflow to Inf in fp16, subnormals in both
-        p = torch.zeros_like(g)
-        torch.ops.fused_opt.sgd_([p], [g], [], **(kwargs | {"lr": lr}))
-        expected = (g.float() * torch.tensor(-lr, dtype=torch.float32)).to(dtype)
-        assert_bitwise([p], [expected], f"lr={lr}")
+    magnitudes = {
+        "wide": torch.logspace(-9, 5, 4000),
+        # bf16 subnormals (below 1.2e-38), scattered among normal values so that some vector
+        # registers hold both: avx512bf16's conversion instruction would flush them to zero.
+        "tiny": torch.logspace(-44, -30, 4000)[torch.randperm(4000, generator=gen)],
+    }
+    for name, magnitude in magnitudes.items():
+        g = (torch.randn(4000, generator=gen) * magnitude).to(dtype)
+        for lr in (1 / 3, -3.0):  # -3: overflow to Inf in fp16, subnormals in both
+            p = torch.zeros_like(g)
+            torch.ops.fused_opt.sgd_([p], [g], [], **(kwargs | {"lr": lr}))
+            expected = (g.float() * torch.tensor(-lr, dtype=torch.float32)).to(dtype)
+            assert_bitwise([p], [expected], f"{name}, lr={lr}")
 
 
 # ---- GradScaler contract ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ namespace {
 
 bool always() { return true; }
 
-#if defined(FUSED_OPT_HAVE_AVX2) || defined(FUSED_OPT_HAVE_AVX512)
+#if defined(FUSED_OPT_HAVE_AVX2) || defined(FUSED_OPT_HAVE_AVX512) || \
+    defined(FUSED_OPT_HAVE_AVX512BF16)
 // __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 register state.
 bool cpu_has_avx2() {
   __builtin_cpu_init();
@@ -17,12 +18,15 @@ bool cpu_has_avx2() {
          __builtin_cpu_supports("f16c");
 }
 #endif
-#if defined(FUSED_OPT_HAVE_AVX512)
+#if defined(FUSED_OPT_HAVE_AVX512) || defined(FUSED_OPT_HAVE_AVX512BF16)
 bool cpu_has_avx512() {
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512dq");
 }
+#endif
+#if defined(FUSED_OPT_HAVE_AVX512BF16)
+bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #endif
 
 struct Variant {
@@ -38,6 +42,9 @@ const Variant kVariants[] = {
 #endif
 #if defined(FUSED_OPT_HAVE_AVX512)
     {"avx512", &kAvx512Kernels, cpu_has_avx512},
+#endif
+#if defined(FUSED_OPT_HAVE_AVX512BF16)
+    {"avx512bf16", &kAvx512Bf16Kernels, cpu_has_avx512bf16},
 #endif
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);

@@ -6,7 +6,7 @@
 
 namespace fused_opt_cpu {
 
-// Compiled variants, lowest first ("baseline", then "avx2", "avx512" when built).
+// Compiled variants, lowest first ("baseline", then "avx2", "avx512", "avx512bf16" when built).
 int compiled_isa_count();
 const char* compiled_isa_name(int index);
 bool isa_runs_here(int index);

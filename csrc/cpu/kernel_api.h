@@ -96,5 +96,8 @@ extern const KernelTable kAvx2Kernels;
 #if defined(FUSED_OPT_HAVE_AVX512)
 extern const KernelTable kAvx512Kernels;
 #endif
+#if defined(FUSED_OPT_HAVE_AVX512BF16)
+extern const KernelTable kAvx512Bf16Kernels;
+#endif
 
 }  // namespace fused_opt_cpu

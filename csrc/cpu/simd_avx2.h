@@ -54,28 +54,38 @@ struct Lanes<double> {
   static void store(double* p, Vec x) { _mm256_storeu_pd(p, x.v); }
 };
 
+#include "simd_pair.h"
+
+// bf16 is the top half of an fp32. One 32-byte load of 16 values is widened by interleaving it
+// with zeros within 128-bit lanes: `lo` holds elements 0-3 and 8-11, `hi` 4-7 and 12-15. The
+// kernels are elementwise; the in-lane pack in store() restores the order.
 template <>
 struct Lanes<bf16> {
-  using Vec = VF;
+  using Vec = Pair<VF>;
   using Scalar = float;
-  static constexpr int kWidth = 8;
-  static Vec splat(float x) { return {_mm256_set1_ps(x)}; }
+  static constexpr int kWidth = 16;
+  static Vec splat(float x) { return {VF{_mm256_set1_ps(x)}, VF{_mm256_set1_ps(x)}}; }
   static Vec load(const bf16* p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i zero = _mm256_setzero_si256();
+    return {VF{_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x))},
+            VF{_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x))}};
   }
-  // Round to nearest even (see simd_avx512.h); NaN -> 0x7FC0.
   static void store(bf16* p, Vec x) {
-    __m256i bits = _mm256_castps_si256(x.v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    // Every lane is <= 0xFFFF after rounded_top, so the unsigned saturating pack is exact.
+    const __m256i packed = _mm256_packus_epi32(rounded_top(x.lo.v), rounded_top(x.hi.v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+
+ private:
+  // Round to nearest even and shift down (see simd_avx512.h); NaN -> 0x7FC0.
+  static __m256i rounded_top(__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    rounded = _mm256_srli_epi32(rounded, 16);
-    __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
-    // Every lane is <= 0xFFFF now, so the unsigned saturating pack is exact.
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded),
-                                      _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), is_nan);
+    return _mm256_srli_epi32(rounded, 16);
   }
 };
 

@@ -55,27 +55,52 @@ struct Lanes<double> {
   static void store(double* p, Vec x) { _mm512_storeu_pd(p, x.v); }
 };
 
+#include "simd_pair.h"
+
+// bf16 is the top half of an fp32. One 64-byte load of 32 values is widened by interleaving it
+// with zeros; the interleave works within 128-bit lanes, so `lo` holds elements 0-3, 8-11, ...
+// and `hi` elements 4-7, 12-15, ... The kernels are elementwise; store() restores the order.
 template <>
 struct Lanes<bf16> {
-  using Vec = VF;
+  using Vec = Pair<VF>;
   using Scalar = float;
-  static constexpr int kWidth = 16;
-  static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
-  // bf16 is the top half of an fp32: widen and shift.
+  static constexpr int kWidth = 32;
+  static Vec splat(float x) { return {VF{_mm512_set1_ps(x)}, VF{_mm512_set1_ps(x)}}; }
   static Vec load(const bf16* p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+    const __m512i x = _mm512_loadu_si512(p), zero = _mm512_setzero_si512();
+    return {VF{_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, x))},
+            VF{_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x))}};
   }
-  // Round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate. NaN would carry
-  // into the exponent, so NaNs are replaced by the quiet NaN 0x7FC0 (what c10::BFloat16 stores).
   static void store(bf16* p, Vec x) {
-    __m512i bits = _mm512_castps_si512(x.v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    rounded = _mm512_srli_epi32(rounded, 16);
-    __mmask16 is_nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+#if defined(__AVX512BF16__)
+    // vcvtne2ps2bf16 rounds to nearest even in one instruction but flushes subnormals to zero,
+    // which Tensor.to(bfloat16) keeps: a register holding one takes the integer path below.
+    if (!(_mm512_fpclass_ps_mask(x.lo.v, kSubnormal) |
+          _mm512_fpclass_ps_mask(x.hi.v, kSubnormal))) {
+      // The result holds lo's 16 values, then hi's; put the groups of four back in order.
+      const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x.hi.v, x.lo.v));
+      const __m512i order = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+      _mm512_storeu_si512(p, _mm512_permutexvar_epi64(order, packed));
+      return;
+    }
+#endif
+    // The unsigned saturating pack takes the low halves back in the interleaved order.
+    _mm512_storeu_si512(p, _mm512_packus_epi32(rounded_top(x.lo.v), rounded_top(x.hi.v)));
+  }
+
+ private:
+  static constexpr int kSubnormal = 0x20;  // vfpclassps category: denormal
+  // Round to nearest even and shift down: add 0x7FFF plus the lowest kept bit, keep the top 16
+  // bits. A NaN would carry into the exponent; it becomes the quiet NaN 0x7FC0 instead (what
+  // c10::BFloat16 stores).
+  static __m512i rounded_top(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    const __mmask16 is_number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+    const __m512i rounded =
+        _mm512_mask_add_epi32(_mm512_set1_epi32(0x7FC00000), is_number, bits, bias);
+    return _mm512_srli_epi32(rounded, 16);
   }
 };
 
