@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .compare import Case, Result, add_floor, add_speedups, run_cases
+from .compare import Case, Result, run_cases
 from .e2e import LMConfig, run_e2e
 from .implementations import discover
 from .measure import NOISY_SPREAD, BandwidthProbe, Timing, measure_bandwidth
@@ -31,7 +31,8 @@ SGD_AND_ADAMW = ("sgd-momentum", "adamw")
 # The end-to-end loss curves differ only by float rounding; more than this is a real difference.
 E2E_LOSS_TOLERANCE = 1e-3
 SUMMARY_HEAD = (
-    "Summary: median ms (fraction of the floor) speed-up over the fastest torch.optim mode"
+    "Summary: median ms (fraction of the floor) speed-up over the fastest torch.optim mode, "
+    "the last two paired per round"
 )
 
 
@@ -225,7 +226,7 @@ def _load_note() -> str | None:
 def _measure_all(
     plan: Plan, impls: list, device: torch.device, notes: list[str]
 ) -> tuple[list[Result], dict]:
-    """Every case at every thread count, each thread count with its own bandwidth floor."""
+    """Every case at every thread count, each with its own bandwidth readings."""
     results: list[Result] = []
     bandwidths = {}
     default_threads = torch.get_num_threads()
@@ -235,27 +236,26 @@ def _measure_all(
         rates = ", ".join(f"{k} {v:.1f}" for k, v in before.by_pattern.items())
         _progress(f"bandwidth ({threads} threads): {before.gb_per_s:.1f} GB/s (best of {rates})")
         probe = BandwidthProbe(device, plan.bandwidth_elements)
-        measured = run_cases(plan.cases, impls, device, plan.timing_for(), threads, probe)
+        results += run_cases(plan.cases, impls, device, plan.timing_for(), threads, probe)
+        probes, round_probes = probe.rates, probe.round_rates
+        del probe  # its buffer: the measurement after the run needs the memory
         after = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
-        del probe.x
-        # The best rate seen anywhere in the run: a busy moment must not flatter the results.
-        seen = [before.gb_per_s, after.gb_per_s, *probe.rates]
-        floor, low = max(seen), min(seen)
-        add_floor(measured, floor)
-        results += measured
+        seen = [before.gb_per_s, after.gb_per_s, *probes, *round_probes]
+        low, high = min(seen), max(seen)
         bandwidths[threads] = {
-            "floor_gb_per_s": floor,
+            "range_gb_per_s": [low, high],
             "before": before.as_dict(),
             "after": after.as_dict(),
-            "probes_gb_per_s": probe.rates,
+            "probes_gb_per_s": probes,
+            "round_probes_gb_per_s": round_probes,
         }
-        if (floor - low) / floor > NOISY_SPREAD:
+        if (high - low) / high > NOISY_SPREAD:
             notes.append(
-                f"memory bandwidth ({threads} threads) varied from {low:.1f} to {floor:.1f} GB/s "
-                "during the run (other load on the machine); the floor uses the highest"
+                f"memory bandwidth ({threads} threads) varied from {low:.1f} to {high:.1f} GB/s "
+                "during the run (other load on the machine); floors and speed-ups are paired "
+                "per round, so each compares calls made under the same conditions"
             )
     torch.set_num_threads(default_threads)
-    add_speedups(results, NOISY_SPREAD)
     return results, bandwidths
 
 
@@ -293,14 +293,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{stamp:%Y-%m-%d %H:%M} UTC, {machine}, torch {torch.__version__}, "
         f"`{command}`, {elapsed:.0f} s"
     )
-    floor = ", ".join(f"{t} threads {b['floor_gb_per_s']:.1f} GB/s" for t, b in bandwidths.items())
+    bandwidth = ", ".join(
+        f"{t} threads {b['range_gb_per_s'][0]:.1f} to {b['range_gb_per_s'][1]:.1f} GB/s"
+        for t, b in bandwidths.items()
+    )
     e2e_head = (
         f"End to end ({e2e[0].params:,} params, {len(e2e[0].losses)} iterations):" if e2e else ""
     )
 
-    print(f"\n{headline}\nbandwidth floor: {floor}\n\n{report.table(results)}")
+    print(f"\n{headline}\nmemory bandwidth seen: {bandwidth}\n\n{report.table(results)}")
     print(f"\n{SUMMARY_HEAD}\n\n{report.summary_table(results)}")
-    print(f"\n{report.NOISE_NOTE}")
+    print("", *report.METHOD_NOTES, sep="\n")
     if e2e:
         print(f"\n{e2e_head}\n{report.e2e_table(e2e)}")
     for note in notes:
@@ -332,11 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     report.write_json(base.with_suffix(".json"), payload)
-    md = [headline, "", f"![chart]({base.name}.png)", "", f"Bandwidth floor: {floor}.", ""]
+    md = [
+        headline,
+        "",
+        f"![chart]({base.name}.png)",
+        "",
+        f"Memory bandwidth seen: {bandwidth}.",
+        "",
+    ]
     md += [SUMMARY_HEAD, "", report.summary_table(results, markdown=True), ""]
     if e2e:
         md += [e2e_head, "", report.e2e_table(e2e, markdown=True), ""]
-    md += [f"- {n}" for n in [report.NOISE_NOTE, *notes]]
+    md += [f"- {n}" for n in [*report.METHOD_NOTES, *notes]]
     md += ["", "All results:", "", report.table(results, markdown=True)]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     title = f"fused_opt vs torch.optim — {machine} — {stamp:%Y-%m-%d}"

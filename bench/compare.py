@@ -1,25 +1,35 @@
 """The side-by-side comparison: every (workload, dtype, optimizer) case x every implementation.
 
-Memory stays bounded: one param and grad set is alive per (workload, dtype), and one
-optimizer's state at a time (GPT-2 small in fp32 with Adam: 0.5 GB params + 0.5 GB grads +
-1 GB state, plus what a foreach implementation allocates as temporaries).
+The implementations of a case are timed together, in interleaved rounds (``time_rounds``), so
+each speed-up and each fraction of the bandwidth floor is a median of per-round ratios: calls
+made a few milliseconds apart, under the same load from the machine's other tenants.
+
+Memory: one param and grad set is alive per (workload, dtype), and every implementation's
+optimizer state of one case (GPT-2 small in fp32 with Adam: 0.5 GB params + 0.5 GB grads + 1 GB
+state per implementation, plus what a foreach implementation allocates as temporaries).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .implementations import Implementation
-from .measure import Timing, time_calls
+from .measure import BandwidthProbe, Rounds, Samples, Timing, time_rounds
 from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element, make_tensors
 
-__all__ = ["Case", "Result", "add_floor", "add_speedups", "run_cases"]
+__all__ = ["PAIRED_FLOOR_BYTES", "Case", "Result", "add_paired_ratios", "run_cases"]
+
+# A case that moves at least this much per step streams it from memory (the L3 caches of the
+# machines we run on hold 32 MB or less), so each round probes the bandwidth to pair with.
+# Smaller cases run from the caches or are overhead-bound: a probe would only evict their data.
+PAIRED_FLOOR_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,13 @@ class Result:
     spread: float | None = None  # IQR / median
     repeats: int = 0
     gb_per_s: float | None = None
-    floor_ms: float | None = None
+    floor_gb_per_s: float | None = None  # the bandwidth the floor is computed from
+    paired: bool = False  # floor from each round's probe (else: the run's readings)
+    floor_ms: float | None = None  # bytes / floor_gb_per_s
     floor_fraction: float | None = None  # floor time / measured time (1.0 = at bandwidth)
     us_per_tensor: float | None = None
     speedup: float | None = None  # over the fastest torch.optim mode of the same case
-    noisy: bool = False  # its spread, or the reference's, is too large to trust the ratio
+    noisy: bool = False  # the per-round speed-ups spread too much to trust their median
     skipped: str | None = None
 
     def as_dict(self) -> dict:
@@ -75,11 +87,13 @@ def run_cases(
     device: torch.device,
     timing: dict[str, Timing],
     threads: int,
-    before_each: Callable[[], object] = lambda: None,
+    probe: BandwidthProbe,
 ) -> list[Result]:
     """Time every implementation on every case; ``timing`` maps workload names to settings.
 
-    ``before_each`` runs before each (workload, dtype, optimizer) group (a bandwidth probe).
+    ``probe`` takes a reading before each (workload, dtype, optimizer) case, and one pass per
+    round in cases that move ``PAIRED_FLOOR_BYTES`` or more; the other cases' floor uses the
+    median of the readings before each case.
     """
     cases = list(cases)
     total = sum(len(c.optimizers) for c in cases) * len(impls)
@@ -94,12 +108,11 @@ def run_cases(
             p.requires_grad_(True)
             p.grad = g
         for opt_name in case.optimizers:
-            before_each()
+            probe()
             spec = OPTIMIZERS[opt_name]
             nbytes = bytes_per_element(spec, dtype) * workload.elements
-            for impl in impls:
-                done += 1
-                result = Result(
+            rows = [
+                Result(
                     case.workload,
                     case.dtype,
                     opt_name,
@@ -111,42 +124,91 @@ def run_cases(
                     workload.elements,
                     nbytes,
                 )
-                results.append(result)
+                for impl in impls
+            ]
+            steps = {}
+            for impl, result in zip(impls, rows, strict=True):
                 result.skipped = broken.get(impl.name) or impl.unsupported(spec, dtype, device)
                 if result.skipped is None:
                     try:
-                        optimizer = impl.build(spec, params)
-                        samples = time_calls(optimizer.step, device, timing[case.workload])
+                        steps[impl.name] = impl.build(spec, params).step
                     except Exception as exc:  # report and go on: one peer must not sink the run
-                        result.skipped = f"failed: {type(exc).__name__}: {exc}"[:200]
-                        if impl.family == "peer":  # e.g. a JIT build that fails: try it once
-                            broken[impl.name] = f"failed earlier: {type(exc).__name__}"
-                    else:
-                        _fill(result, samples.median, samples.iqr, len(samples.seconds))
-                    finally:
-                        optimizer = None
-                        _release()
+                        _fail(result, exc, broken)
+            paired = nbytes >= PAIRED_FLOOR_BYTES
+            rounds = time_rounds(
+                steps, device, timing[case.workload], probe.time_one_pass if paired else None
+            )
+            for result in rows:
+                if result.implementation in rounds.failures:
+                    _fail(result, rounds.failures[result.implementation], broken)
+            add_paired_ratios(rows, rounds)
+            results += rows
+            for result in rows:
+                done += 1
                 _progress(_progress_line(done, total, started, result))
+            del steps, rounds
+            _release()
         del params, grads
         _release()
+    unpaired = [r for r in results if not r.paired]
+    if unpaired:
+        _set_floor(unpaired, statistics.median(probe.rates))
+        for r in unpaired:
+            if r.median_ms is not None:
+                r.floor_fraction = r.floor_ms / r.median_ms
     return results
 
 
-def _fill(result: Result, median: float, iqr: float, repeats: int) -> None:
-    result.median_ms = median * 1e3
-    result.iqr_ms = iqr * 1e3
-    result.spread = iqr / median
-    result.repeats = repeats
-    result.gb_per_s = result.bytes_per_step / median / 1e9
-    result.us_per_tensor = median * 1e6 / result.tensors
-
-
-def add_floor(results: list[Result], gb_per_s: float) -> None:
-    """Floor time (bytes / bandwidth) and the fraction of it achieved (1.0: at bandwidth)."""
-    for r in results:
+def _set_floor(rows: list[Result], gb_per_s: float) -> None:
+    for r in rows:
+        r.floor_gb_per_s = gb_per_s
         r.floor_ms = r.bytes_per_step / (gb_per_s * 1e9) * 1e3
-        if r.median_ms is not None:
-            r.floor_fraction = r.floor_ms / r.median_ms
+
+
+def _fail(result: Result, exc: Exception, broken: dict[str, str]) -> None:
+    result.skipped = f"failed: {type(exc).__name__}: {exc}"[:200]
+    if result.family == "peer":  # e.g. a JIT build that fails: try it once
+        broken[result.implementation] = f"failed earlier: {type(exc).__name__}"
+
+
+def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
+    """Times, floors and speed-ups of one case's ``rows`` from the rounds they ran in together.
+
+    Speed-up: median over rounds of (the reference's time / this time), the reference being the
+    torch.optim mode with the lowest median time. Fraction of the floor (when the rounds were
+    probed): median over rounds of (bytes / that round's bandwidth) / this time.
+    """
+    timed = [r for r in rows if r.implementation in rounds.samples]
+    for r in timed:
+        samples = rounds.samples[r.implementation]
+        r.median_ms = samples.median * 1e3
+        r.iqr_ms = samples.iqr * 1e3
+        r.spread = samples.spread
+        r.repeats = len(samples.values)
+        r.gb_per_s = r.bytes_per_step / samples.median / 1e9
+        r.us_per_tensor = samples.median * 1e6 / r.tensors
+    if rounds.probe_gb_per_s:
+        _set_floor(rows, statistics.median(rounds.probe_gb_per_s))
+        for r in rows:
+            r.paired = True
+        for r in timed:
+            r.floor_fraction = _per_round_ratios(
+                [r.bytes_per_step / (gb_per_s * 1e9) for gb_per_s in rounds.probe_gb_per_s],
+                rounds.samples[r.implementation].values,
+            ).median
+    torch_rows = [r for r in timed if r.family == "torch.optim"]
+    if not torch_rows:
+        return
+    reference = rounds.samples[min(torch_rows, key=lambda r: r.median_ms).implementation]
+    for r in timed:
+        speedups = _per_round_ratios(reference.values, rounds.samples[r.implementation].values)
+        r.speedup = speedups.median
+        r.noisy = speedups.noisy
+
+
+def _per_round_ratios(numerators: Sequence[float], seconds: Sequence[float]) -> Samples:
+    """The per-round ratios numerator / seconds (their median and spread are what is reported)."""
+    return Samples(tuple(n / t for n, t in zip(numerators, seconds, strict=True)))
 
 
 def _progress_line(done: int, total: int, started: float, r: Result) -> str:
@@ -158,19 +220,3 @@ def _progress_line(done: int, total: int, started: float, r: Result) -> str:
         f"{head} {r.median_ms:9.3f} ms  ±{100 * (r.spread or 0):3.0f}%  "
         f"{r.gb_per_s:6.1f} GB/s  {r.us_per_tensor:8.2f} us/tensor"
     )
-
-
-def add_speedups(results: list[Result], noisy_spread: float) -> None:
-    """Speed-up of each result over the fastest torch.optim mode of its case, with a noise flag."""
-    cases: dict[tuple, list[Result]] = {}
-    for r in results:
-        if r.median_ms is not None:
-            cases.setdefault((r.workload, r.dtype, r.optimizer, r.device, r.threads), []).append(r)
-    for rows in cases.values():
-        torch_rows = [r for r in rows if r.family == "torch.optim"]
-        if not torch_rows:
-            continue
-        best = min(torch_rows, key=lambda r: r.median_ms)
-        for r in rows:
-            r.speedup = best.median_ms / r.median_ms
-            r.noisy = max(r.spread or 0, best.spread or 0) > noisy_spread

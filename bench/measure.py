@@ -2,6 +2,10 @@
 
 CPU and CUDA are timed the same way: synchronise, read the clock, run, synchronise, read the
 clock. On CUDA this includes the launch overhead, which is part of what a fused step saves.
+
+Implementations of one case are timed in interleaved rounds (``time_rounds``): each round
+calls every implementation once, after an optional bandwidth probe pass, so ratios between
+implementations, and to the memory bandwidth, compare calls made under the same conditions.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import torch
 __all__ = [
     "NOISY_SPREAD",
     "BandwidthProbe",
+    "Rounds",
     "Samples",
     "Timing",
     "measure_bandwidth",
     "synchronizer",
     "time_calls",
+    "time_rounds",
 ]
 
 # IQR / median above this: the median is not trusted to compare implementations.
@@ -36,7 +42,11 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 @dataclass(frozen=True)
 class Timing:
-    """How long to measure one case: warm-up calls, then repeats within a time budget."""
+    """How long to measure one case: warm-up calls, then repeats within a time budget.
+
+    With ``time_rounds`` the budget and the limit are per implementation: a round-robin of
+    n implementations gets n times as much.
+    """
 
     warmup: int = 3
     min_repeats: int = 7
@@ -49,19 +59,20 @@ class Timing:
 
 @dataclass(frozen=True)
 class Samples:
-    """Seconds per call of one case, summarised by median and interquartile range."""
+    """Values of one case (seconds per call, or per-round ratios), summarised by median and
+    interquartile range."""
 
-    seconds: tuple[float, ...]
+    values: tuple[float, ...]
 
     @property
     def median(self) -> float:
-        return statistics.median(self.seconds)
+        return statistics.median(self.values)
 
     @property
     def iqr(self) -> float:
-        if len(self.seconds) < 4:
-            return max(self.seconds) - min(self.seconds)
-        q1, _, q3 = statistics.quantiles(self.seconds, n=4)
+        if len(self.values) < 4:
+            return max(self.values) - min(self.values)
+        q1, _, q3 = statistics.quantiles(self.values, n=4)
         return q3 - q1
 
     @property
@@ -74,17 +85,21 @@ class Samples:
         return self.spread > NOISY_SPREAD
 
 
+def _warm_up(fn: Callable[[], object], sync: Callable[[], None], timing: Timing) -> None:
+    started = time.perf_counter()
+    for i in range(timing.warmup):
+        if i >= 1 and time.perf_counter() - started >= timing.limit_s / 2:
+            break  # one call has created the state; a pathologically slow case needs no more
+        fn()
+        sync()
+
+
 def time_calls(
     fn: Callable[[], object], device: torch.device, timing: Timing = Timing()
 ) -> Samples:
     """Time ``fn`` after ``timing.warmup`` untimed calls, one sample per call."""
     sync = synchronizer(device)
-    warm_start = time.perf_counter()
-    for i in range(timing.warmup):
-        if i >= 1 and time.perf_counter() - warm_start >= timing.limit_s / 2:
-            break  # one call has created the state; a pathologically slow case needs no more
-        fn()
-        sync()
+    _warm_up(fn, sync, timing)
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < timing.max_repeats:
@@ -98,6 +113,66 @@ def time_calls(
         sync()
         samples.append(time.perf_counter() - t0)
     return Samples(tuple(samples))
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """What ``time_rounds`` measured: every sample list has one entry per round, in order."""
+
+    samples: dict[str, Samples]  # the functions that ran every round
+    probe_gb_per_s: tuple[float, ...]  # one reading per round; empty when not probed
+    failures: dict[str, Exception]  # raised in warm-up or in a round: left out of the rounds
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    timing: Timing = Timing(),
+    probe: Callable[[], float] | None = None,
+) -> Rounds:
+    """Warm each of ``fns`` up, then time them in rounds, each calling every function once.
+
+    ``probe`` (one bandwidth pass, returning GB/s) runs at the start of each round. A function
+    that raises is left out from then on (one broken implementation must not sink the others);
+    the others finish the round, so their samples stay paired round by round.
+    """
+    sync = synchronizer(device)
+    failures: dict[str, Exception] = {}
+    for name, fn in fns.items():
+        try:
+            _warm_up(fn, sync, timing)
+        except Exception as exc:
+            failures[name] = exc
+    running = [name for name in fns if name not in failures]
+    seconds: dict[str, list[float]] = {name: [] for name in running}
+    probe_rates: list[float] = []
+    budget_s, limit_s = timing.budget_s * len(running), timing.limit_s * len(running)
+    rounds = 0
+    started = time.perf_counter()
+    while running and rounds < timing.max_repeats:
+        spent = time.perf_counter() - started
+        if rounds >= timing.min_repeats and spent >= budget_s:
+            break
+        if rounds >= 3 and spent >= limit_s:
+            break
+        if probe is not None:
+            probe_rates.append(probe())
+        # Start each round at the next function, so none always runs right after the probe
+        # or after the same neighbour (whose traffic leaves the caches in its own state).
+        shift = rounds % len(running)
+        for name in running[shift:] + running[:shift]:
+            try:
+                t0 = time.perf_counter()
+                fns[name]()
+                sync()
+                seconds[name].append(time.perf_counter() - t0)
+            except Exception as exc:
+                failures[name] = exc
+        running = [name for name in running if name not in failures]
+        rounds += 1
+    return Rounds(
+        {name: Samples(tuple(seconds[name])) for name in running}, tuple(probe_rates), failures
+    )
 
 
 @dataclass(frozen=True)
@@ -146,26 +221,42 @@ def measure_bandwidth(
 
 
 class BandwidthProbe:
-    """A short in-place pass (``x *= c``, 256 MB) repeated through the run, before every case.
+    """An in-place pass (``x *= c``; CUDA: a device copy) over a buffer far larger than the caches.
 
     A shared machine's memory bandwidth changes with its neighbours' load, by half and more
-    within minutes; the floor uses the best rate seen by any measurement of the run, so a busy
-    moment cannot make the results look closer to the floor than they are.
+    within minutes. Called, it takes a short reading (the median of a few passes) as the run
+    does before each case; ``time_one_pass`` is the single pass a round of ``time_rounds`` takes,
+    so a result can be compared with the bandwidth of its own moment.
     """
 
     def __init__(self, device: torch.device, elements: int = 2**26) -> None:
         self.device = device
         self.x = torch.rand(elements, generator=torch.Generator().manual_seed(2)).to(device)
-        self.rates: list[float] = []
+        self.out = torch.empty_like(self.x) if device.type == "cuda" else None
+        self.bytes_per_pass = 2 * self.x.element_size() * elements
+        self.rates: list[float] = []  # the readings before each case
+        self.round_rates: list[float] = []  # the single passes of the rounds
+
+    def _pass(self) -> None:
+        if self.out is not None:
+            self.out.copy_(self.x)
+        else:
+            self.x.mul_(1.0000001)
 
     def __call__(self) -> float:
-        if self.device.type == "cuda":
-            out = torch.empty_like(self.x)
-            samples = time_calls(lambda: out.copy_(self.x), self.device, _PROBE_TIMING)
-        else:
-            samples = time_calls(lambda: self.x.mul_(1.0000001), self.device, _PROBE_TIMING)
-        rate = 2 * self.x.element_size() * self.x.numel() / samples.median / 1e9
+        samples = time_calls(self._pass, self.device, _PROBE_TIMING)
+        rate = self.bytes_per_pass / samples.median / 1e9
         self.rates.append(rate)
+        return rate
+
+    def time_one_pass(self) -> float:
+        sync = synchronizer(self.device)
+        sync()
+        t0 = time.perf_counter()
+        self._pass()
+        sync()
+        rate = self.bytes_per_pass / (time.perf_counter() - t0) / 1e9
+        self.round_rates.append(rate)
         return rate
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .compare import Result
+from .compare import PAIRED_FLOOR_BYTES, Result
 from .e2e import E2EResult
 from .measure import NOISY_SPREAD
 
@@ -50,6 +50,7 @@ COLUMNS = (
     "median ms",
     "IQR",
     "GB/s",
+    "floor GB/s",
     "floor",
     "us/tensor",
     "speed-up",
@@ -61,12 +62,13 @@ def _row(r: Result, threads_col: bool) -> list[str]:
     if threads_col:
         head.append(str(r.threads))
     if r.median_ms is None:
-        return head + ["-", "-", "-", "-", "-", f"skipped: {r.skipped}"]
+        return head + ["-"] * 6 + [f"skipped: {r.skipped}"]
     speedup = "" if r.speedup is None else f"{r.speedup:.2f}x" + (" ~" if r.noisy else "")
     return head + [
         f"{r.median_ms:.3f}",
         f"±{100 * (r.spread or 0):.0f}%",
         f"{r.gb_per_s:.1f}",
+        f"{r.floor_gb_per_s:.1f}" + ("" if r.paired else " (run)"),
         f"{100 * (r.floor_fraction or 0):.0f}%",
         f"{r.us_per_tensor:.2f}",
         speedup,
@@ -257,7 +259,13 @@ def write_chart(
     plt.close(fig)
 
 
-NOISE_NOTE = (
-    f"'~': the IQR of this result or of the torch.optim reference exceeds "
-    f"{100 * NOISY_SPREAD:.0f}% of its median; the speed-up is not to be trusted."
+METHOD_NOTES = (
+    "The implementations of a case are timed in interleaved rounds, each calling every one once. "
+    "Fraction of the floor: bytes that must move / bandwidth of an in-place read-modify-write "
+    "pass (CUDA: a device copy) measured in the same round, median over rounds; cases that move "
+    f"less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches and take no pass per "
+    "round: their floor uses the median of the passes before each case ('(run)'). Speed-up: "
+    "median over rounds of the per-round ratio (the fastest torch.optim mode's time / this time).",
+    f"'~': the per-round speed-ups spread by more than {100 * NOISY_SPREAD:.0f}% of their median "
+    "(IQR); the speed-up is not to be trusted.",
 )

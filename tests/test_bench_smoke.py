@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench` is a folder of the repository, not an installed package
 
-from bench.compare import Result, add_speedups  # noqa: E402
-from bench.measure import Timing, time_calls  # noqa: E402
+from bench.compare import Case, Result, add_paired_ratios, run_cases  # noqa: E402
+from bench.implementations import Implementation, discover  # noqa: E402
+from bench.measure import BandwidthProbe, Timing, time_calls, time_rounds  # noqa: E402
 from bench.workloads import OPTIMIZERS, WORKLOADS, OptimizerSpec, bytes_per_element  # noqa: E402
 
 
@@ -57,25 +60,123 @@ def test_gpt2_small_workload_has_the_real_parameter_count() -> None:
     assert gpt2.shapes[0] == (50257, 768)
 
 
-def _result(impl: str, family: str, median_ms: float, spread: float) -> Result:
-    r = Result("w", "fp32", "adamw", impl, family, "cpu", 1, 1, 1, 28)
-    r.median_ms, r.spread = median_ms, spread
-    return r
+class FakeClock:
+    """time.perf_counter for the round-robin: it moves only when a fake step runs, by that
+    step's seconds times the load of the current round, so every ratio is exact."""
+
+    def __init__(self, loads: list[float]) -> None:
+        self.now = 0.0
+        self.load = 1.0  # warm-up calls run unloaded
+        self.loads = iter(loads)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, seconds: float, loaded: bool = True) -> Callable[[], None]:
+        def run() -> None:
+            self.now += seconds * (self.load if loaded else 1.0)
+
+        return run
+
+    def probe(self) -> float:
+        """The round starts: the machine's load changes, the bandwidth follows (100 GB/s idle)."""
+        self.load = next(self.loads)
+        return 100.0 / self.load
 
 
-def test_speedup_is_over_the_fastest_torch_mode_and_flags_noise() -> None:
+def test_round_robin_pairs_ratios_within_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The machine is up to 3x slower in some rounds: raw times spread, per-round ratios do not.
+    clock = FakeClock([1.0, 2.0, 1.0, 3.0, 1.5])
+    monkeypatch.setattr(time, "perf_counter", clock)
+    fns = {
+        "torch for-loop": clock.step(0.008),
+        "torch fused": clock.step(0.004),
+        "fused_opt cpp": clock.step(0.002),
+        "fused_opt torch": clock.step(0.004, loaded=False),  # does not follow the load
+    }
+    timing = Timing(warmup=2, min_repeats=5, max_repeats=5, budget_s=0.0)
+    rounds = time_rounds(fns, torch.device("cpu"), timing, clock.probe)
+    assert rounds.failures == {}
+    assert rounds.probe_gb_per_s == (100.0, 50.0, 100.0, 100.0 / 3, 100.0 / 1.5)
+    assert {len(s.values) for s in rounds.samples.values()} == {5}
+
+    # 100 MB a step: at 100 GB/s the floor is 1 ms, at a 3x load 3 ms.
+    family = {"torch": "torch.optim", "fused_opt": "fused_opt"}
     rows = [
-        _result("torch for-loop", "torch.optim", 30.0, 0.02),
-        _result("torch fused", "torch.optim", 10.0, 0.02),
-        _result("fused_opt cpp", "fused_opt", 5.0, 0.02),
-        _result("fused_opt torch", "fused_opt", 20.0, 0.50),
+        Result("w", "fp32", "adamw", name, family[name.split()[0]], "cpu", 1, 1, 1, 10**8)
+        for name in fns
     ]
-    add_speedups(rows, noisy_spread=0.10)
-    speedups = {r.implementation: r.speedup for r in rows}
-    assert speedups == pytest.approx(
-        {"torch for-loop": 1 / 3, "torch fused": 1.0, "fused_opt cpp": 2.0, "fused_opt torch": 0.5}
+    add_paired_ratios(rows, rounds)
+    by_name = {r.implementation: r for r in rows}
+    assert {n: r.speedup for n, r in by_name.items()} == pytest.approx(
+        {"torch for-loop": 0.5, "torch fused": 1.0, "fused_opt cpp": 2.0, "fused_opt torch": 1.5}
     )
-    assert [r.noisy for r in rows] == [False, False, False, True]
+    assert {n: r.floor_fraction for n, r in by_name.items()} == pytest.approx(
+        {
+            "torch for-loop": 0.125,
+            "torch fused": 0.25,
+            "fused_opt cpp": 0.5,
+            "fused_opt torch": 0.375,
+        }
+    )
+    # The floor in ms comes from the median reading (66.7 GB/s in the 1.5x round).
+    assert all(r.paired and r.floor_gb_per_s == pytest.approx(100.0 / 1.5) for r in rows)
+    assert by_name["fused_opt cpp"].floor_ms == pytest.approx(1.5)
+    assert by_name["fused_opt cpp"].median_ms == pytest.approx(3.0)
+    # Noise is judged on the per-round ratio, not on the raw times.
+    assert by_name["fused_opt cpp"].spread > 0.10 and not by_name["fused_opt cpp"].noisy
+    assert by_name["fused_opt torch"].noisy
+
+
+def test_round_robin_leaves_out_what_raises_and_times_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock([1.0] * 4)
+    monkeypatch.setattr(time, "perf_counter", clock)
+    calls = {"late": 0}
+
+    def broken() -> None:
+        raise RuntimeError("no kernel for this dtype")
+
+    def fails_in_round_two() -> None:
+        calls["late"] += 1
+        if calls["late"] == 3:  # 1 warm-up call, then rounds 1 and 2
+            raise RuntimeError("out of memory")
+        clock.now += 0.001
+
+    fns = {"a": clock.step(0.002), "broken": broken, "late": fails_in_round_two}
+    fns["b"] = clock.step(0.001)
+    timing = Timing(warmup=1, min_repeats=4, max_repeats=4, budget_s=0.0)
+    rounds = time_rounds(fns, torch.device("cpu"), timing, clock.probe)
+    assert set(rounds.failures) == {"broken", "late"}
+    assert str(rounds.failures["broken"]) == "no kernel for this dtype"
+    assert rounds.samples["a"].values == pytest.approx((0.002,) * 4)
+    assert rounds.samples["b"].values == pytest.approx((0.001,) * 4)
+    assert set(rounds.samples) == {"a", "b"}
+
+
+def test_run_cases_reports_an_implementation_failing_in_warm_up_and_times_the_others() -> None:
+    class Failing(torch.optim.Optimizer):
+        def step(self, closure=None) -> None:  # noqa: ANN001
+            raise RuntimeError("kernel crashed")
+
+    impls = [i for i in discover(peers=False)[0] if i.family == "torch.optim"]
+    impls.append(Implementation("failing", "peer", lambda spec, params: Failing(params, {})))
+    rows = run_cases(
+        [Case("tiny-100", "fp32", ("adamw",))],
+        impls,
+        torch.device("cpu"),
+        {"tiny-100": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
+        threads=1,
+        probe=BandwidthProbe(torch.device("cpu"), 2**16),
+    )
+    by_name = {r.implementation: r for r in rows}
+    assert by_name["failing"].skipped == "failed: RuntimeError: kernel crashed"
+    assert by_name["failing"].median_ms is None
+    for r in rows[:-1]:
+        assert r.skipped is None and r.repeats == 3
+        assert r.speedup > 0 and r.floor_fraction > 0
+        assert not r.paired  # 100 tensors of 16: far below the size probed per round
 
 
 def test_time_calls_warms_up_then_samples_within_the_limits() -> None:
@@ -85,13 +186,13 @@ def test_time_calls_warms_up_then_samples_within_the_limits() -> None:
         torch.device("cpu"),
         Timing(warmup=2, min_repeats=4, max_repeats=6, budget_s=10.0),
     )
-    assert len(samples.seconds) == 6  # the budget is not spent before max_repeats
+    assert len(samples.values) == 6  # the budget is not spent before max_repeats
     assert len(calls) == 2 + 6
 
 
 def test_time_calls_stops_a_pathologically_slow_case_after_three_samples() -> None:
     timing = Timing(warmup=0, min_repeats=10, max_repeats=50, budget_s=0.0, limit_s=0.0)
-    assert len(time_calls(lambda: None, torch.device("cpu"), timing).seconds) == 3
+    assert len(time_calls(lambda: None, torch.device("cpu"), timing).values) == 3
 
 
 def test_comparison_command_smoke_run(tmp_path: Path) -> None:
