@@ -735,6 +735,26 @@ def test_direct_entry_points_check_their_input():
     assert_bitwise(params, before)
 
 
+def test_grads_of_reads_each_params_grad():
+    class Tagged(torch.Tensor):  # a subclass other than Parameter: read through the attribute
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model(torch.randn(5, 4)).sum().backward()  # grads created in C++ by the autograd engine
+    params = list(model.parameters())
+    params[1].grad = None
+    tagged = torch.ones(2).as_subclass(Tagged).requires_grad_()
+    tagged.grad = torch.full((2,), 3.0)
+    params.append(tagged)
+    grads = _C.grads_of(params)
+    assert len(grads) == len(params) and grads[1] is None
+    for i in (0, 2, 3):
+        assert grads[i] is params[i].grad
+    assert type(grads[4]) is type(tagged.grad) and torch.equal(grads[4], tagged.grad)
+    with pytest.raises(TypeError, match="params must be a list"):
+        _C.grads_of(tuple(params))
+
+
 def test_in_place_updates_bump_version_counters():
     """Autograd must see the in-place updates (saved-tensor checks), as with torch.optim."""
     state = adam_state([(5,), (3,)], torch.float32)

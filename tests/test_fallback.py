@@ -1,4 +1,4 @@
-"""Without the compiled kernels, fused_opt still imports, warns once, and trains on the torch backend."""
+"""Without the compiled kernels fused_opt imports, warns once and trains on the torch backend."""
 
 import os
 import subprocess

@@ -59,8 +59,8 @@ def test_found_inf_makes_the_op_a_no_op():
     args, kwargs = adam_args(torch.float32, "cpu", True, False)
     before = [[t.clone() for t in ts] for ts in args]
     torch.ops.fused_opt.adam_(*args, **kwargs, found_inf=torch.tensor(1.0))
-    for ts, olds in zip(args, before):
-        for t, old in zip(ts, olds):
+    for ts, olds in zip(args, before, strict=True):
+        for t, old in zip(ts, olds, strict=True):
             assert torch.equal(t, old)
 
 
@@ -75,5 +75,5 @@ def test_ops_are_opaque_to_torch_compile():
         torch.ops.fused_opt.sgd_(params, grads, bufs, **kwargs)
 
     step(params, grads, bufs)
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p, e, rtol=0, atol=0)

@@ -164,7 +164,8 @@ def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
     sources = (".cpp", ".h", ".cu", ".cuh", ".o")
     assert not [n for n in names if n.endswith(sources) or n.startswith("tests/")]
     assert info["torch_version"] == torch.__version__
-    every_isa = ["avx2", "avx512", "avx512bf16"] if platform.machine() in ("x86_64", "AMD64") else []
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    every_isa = ["avx2", "avx512", "avx512bf16"] if x86 else []
     assert info["cpu_isas"] == ["baseline", *every_isa]
     assert info["compiler"] not in ("", "unknown")
     assert info["cuda_version"] is None and info["cuda_archs"] == []

@@ -6,8 +6,10 @@
 
 namespace fused_opt_cpu {
 namespace avx2 {
+// clang-format off: the kernels are written with the vectors of simd_avx2.h
 #include "simd_avx2.h"
 #include "optim_kernels.h"
+// clang-format on
 }  // namespace avx2
 
 extern const KernelTable kAvx2Kernels = avx2::make_table("avx2");

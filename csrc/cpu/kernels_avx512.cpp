@@ -6,8 +6,10 @@
 
 namespace fused_opt_cpu {
 namespace avx512 {
+// clang-format off: the kernels are written with the vectors of simd_avx512.h
 #include "simd_avx512.h"
 #include "optim_kernels.h"
+// clang-format on
 }  // namespace avx512
 
 extern const KernelTable kAvx512Kernels = avx512::make_table("avx512");

@@ -8,8 +8,10 @@
 
 namespace fused_opt_cpu {
 namespace avx512bf16 {
-#include "optim_kernels.h"
+// clang-format off: the kernels are written with the vectors of simd_avx512.h
 #include "simd_avx512.h"
+#include "optim_kernels.h"
+// clang-format on
 }  // namespace avx512bf16
 
 extern const KernelTable kAvx512Bf16Kernels = avx512bf16::make_table("avx512bf16");

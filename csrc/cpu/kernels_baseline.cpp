@@ -6,8 +6,10 @@
 
 namespace fused_opt_cpu {
 namespace baseline {
+// clang-format off: the kernels are written with the vectors of simd_baseline.h
 #include "simd_baseline.h"
 #include "optim_kernels.h"
+// clang-format on
 }  // namespace baseline
 
 extern const KernelTable kBaselineKernels = baseline::make_table("baseline");

@@ -154,6 +154,60 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return step(c);
 }
 
+// ---- grads_of ---------------------------------------------------------------------------------
+// [p.grad for p in params] in one call, for the optimizers' eager step. After a backward pass
+// the params' metadata is out of the caches, and reading one grad follows four pointers (Python
+// object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss: about 0.3 us per
+// param when done one param at a time. Following one level for every param before the next lets
+// the CPU overlap the misses of many params. Tensor subclasses other than Parameter (which may
+// define .grad through __torch_function__) are read through the attribute, as Python would.
+constexpr int kImplLines = 4;  // a TensorImpl spans about four cache lines
+
+void prefetch_impl(const c10::TensorImpl* impl) {
+  for (int line = 0; line < kImplLines; ++line)
+    __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
+}
+
+PyObject* grads_of(PyObject*, PyObject* params) {
+  if (!PyList_Check(params)) {
+    PyErr_SetString(PyExc_TypeError, "fused_opt._C.grads_of: params must be a list");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  thread_local std::vector<const at::Tensor*> plain;  // null: read through the attribute
+  plain.assign(n, nullptr);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(params, i);
+    if (THPVariable_CheckExact(item)) plain[i] = &THPVariable_Unpack(item);
+  }
+  for (const at::Tensor* t : plain)
+    if (t != nullptr) prefetch_impl(t->unsafeGetTensorImpl());
+  for (const at::Tensor* t : plain)
+    if (t != nullptr) __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
+  for (const at::Tensor* t : plain)
+    if (t != nullptr && t->unsafeGetTensorImpl()->grad().defined())
+      prefetch_impl(t->unsafeGetTensorImpl()->grad().unsafeGetTensorImpl());
+  PyObject* grads = PyList_New(n);
+  if (grads == nullptr) return nullptr;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* grad = plain[i] != nullptr
+                           ? THPVariable_Wrap(plain[i]->grad())
+                           : PyObject_GetAttrString(PyList_GET_ITEM(params, i), "grad");
+      if (grad == nullptr) {
+        Py_DECREF(grads);
+        return nullptr;
+      }
+      PyList_SET_ITEM(grads, i, grad);
+    }
+  } catch (const c10::Error& e) {
+    Py_DECREF(grads);
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return grads;
+}
+
 // ---- SIMD variants ---------------------------------------------------------------------------
 
 PyObject* names_where(bool (*keep)(int)) {
@@ -212,6 +266,9 @@ PyMethodDef kMethods[] = {
      "adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, "
      "weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf): "
      "fused_opt::adam_ on CPU tensors, called directly (eager mode only)."},
+    {"grads_of", grads_of, METH_O,
+     "grads_of(params): [p.grad for p in params], with the cache misses of many params "
+     "overlapped (eager mode only)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

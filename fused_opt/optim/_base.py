@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends
-from ..functional import kernel, on_device
+from ..functional import grads_of, kernel, on_device
 
 try:  # FSDP2 shards params as DTensors; the kernels work on the local shards.
     from torch.distributed.tensor import DTensor
@@ -187,7 +187,7 @@ class FusedOptimizer:
         with torch.no_grad():
             for group in self.param_groups:  # type: ignore[attr-defined]
                 params = group["params"]
-                grads = [p.grad for p in params]
+                grads = grads_of(params)
                 missing = [i for i, g in enumerate(grads) if g is None]
                 flags = self._plan_flags(group)
                 plan = self._plans.get(id(group))
