@@ -136,7 +136,11 @@ def run_cases(
                         _fail(result, exc, broken)
             paired = nbytes >= PAIRED_FLOOR_BYTES
             rounds = time_rounds(
-                steps, device, timing[case.workload], probe.time_one_pass if paired else None
+                steps,
+                device,
+                timing[case.workload],
+                probe.time_one_pass if paired else None,
+                warm_turns=not paired,
             )
             for result in rows:
                 if result.implementation in rounds.failures:

@@ -129,12 +129,15 @@ def time_rounds(
     device: torch.device,
     timing: Timing = Timing(),
     probe: Callable[[], float] | None = None,
+    warm_turns: bool = False,
 ) -> Rounds:
     """Warm each of ``fns`` up, then time them in rounds, each calling every function once.
 
     ``probe`` (one bandwidth pass, returning GB/s) runs at the start of each round. A function
     that raises is left out from then on (one broken implementation must not sink the others);
-    the others finish the round, so their samples stay paired round by round.
+    the others finish the round, so their samples stay paired round by round. With
+    ``warm_turns`` each turn calls its function twice and times the second call: a case that
+    runs from the caches is measured warm, not after its neighbours' traffic evicted it.
     """
     sync = synchronizer(device)
     failures: dict[str, Exception] = {}
@@ -162,6 +165,9 @@ def time_rounds(
         shift = rounds % len(running)
         for name in running[shift:] + running[:shift]:
             try:
+                if warm_turns:
+                    fns[name]()
+                    sync()
                 t0 = time.perf_counter()
                 fns[name]()
                 sync()

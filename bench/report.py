@@ -263,8 +263,9 @@ METHOD_NOTES = (
     "The implementations of a case are timed in interleaved rounds, each calling every one once. "
     "Fraction of the floor: bytes that must move / bandwidth of an in-place read-modify-write "
     "pass (CUDA: a device copy) measured in the same round, median over rounds; cases that move "
-    f"less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches and take no pass per "
-    "round: their floor uses the median of the passes before each case ('(run)'). Speed-up: "
+    f"less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches: no pass per round "
+    "(their floor uses the median of the passes before each case, '(run)'), and each turn times "
+    "the second of two calls, so they are measured warm. Speed-up: "
     "median over rounds of the per-round ratio (the fastest torch.optim mode's time / this time).",
     f"'~': the per-round speed-ups spread by more than {100 * NOISY_SPREAD:.0f}% of their median "
     "(IQR); the speed-up is not to be trusted.",

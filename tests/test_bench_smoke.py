@@ -155,6 +155,32 @@ def test_round_robin_leaves_out_what_raises_and_times_the_rest(
     assert set(rounds.samples) == {"a", "b"}
 
 
+@pytest.mark.parametrize("warm_turns", [False, True])
+def test_warm_turns_time_a_second_call_after_the_neighbours_ran(
+    monkeypatch: pytest.MonkeyPatch, warm_turns: bool
+) -> None:
+    # Each step is 10x slower right after the other one ran (its caches were evicted).
+    clock = FakeClock([])
+    monkeypatch.setattr(time, "perf_counter", clock)
+    last = {"ran": None}
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            clock.now += 0.001 if last["ran"] == name else 0.010
+            last["ran"] = name
+
+        return run
+
+    fns = {"a": step("a"), "b": step("b")}
+    timing = Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)
+    rounds = time_rounds(fns, torch.device("cpu"), timing, warm_turns=warm_turns)
+    for name in fns:
+        if warm_turns:
+            assert rounds.samples[name].values == pytest.approx((0.001,) * 3)
+        else:  # cold whenever the other one ran last
+            assert max(rounds.samples[name].values) == pytest.approx(0.010)
+
+
 def test_run_cases_reports_an_implementation_failing_in_warm_up_and_times_the_others() -> None:
     class Failing(torch.optim.Optimizer):
         def step(self, closure=None) -> None:  # noqa: ANN001
