@@ -583,6 +583,33 @@ def test_bad_input_raises_before_anything_changes(case):
         assert_bitwise(a, b, f"{case}: modified before raising")
 
 
+MANY = 300  # enough tensors for the checks to run on every thread (step.cpp: check_each)
+
+
+@pytest.mark.parametrize(
+    "case", ["shape", "dtype", "state dtype", "step shape", "int param", "sparse grad"]
+)
+def test_bad_input_among_many_tensors_raises_before_anything_changes(threads, case):
+    torch.set_num_threads(2)
+    make, message = BAD_ADAM_INPUTS[case]
+    shapes = [(5,)] * MANY
+    state = adam_state(shapes, torch.float32, amsgrad=False)
+    bad_state, bad_grads = make(state, next(grad_stream(shapes, torch.float32)))
+    before = [clone(x) for x in bad_state]
+    with pytest.raises(RuntimeError, match=re.escape(message.replace("[3]", f"[{MANY - 1}]"))):
+        adam_call(bad_state, bad_grads)
+    for a, b in zip(bad_state, before, strict=True):
+        assert_bitwise(a, b, f"{case}: modified before raising")
+    params = [torch.randn(5) for _ in range(MANY)]
+    grads = [torch.randn(5) for _ in range(MANY - 1)] + [torch.randn(4)]
+    before = clone(params)
+    with pytest.raises(RuntimeError, match=re.escape(f"grads[{MANY - 1}] has shape")):
+        torch.ops.fused_opt.sgd_(params, grads, [], weight_decay=0.0, momentum=0.0, lr=0.1,
+                                 dampening=0.0, nesterov=False, maximize=False,
+                                 is_first_step=False)  # fmt: skip
+    assert_bitwise(params, before)
+
+
 def test_sgd_bad_input_raises_before_anything_changes():
     params = [torch.randn(5), torch.randn(3)]
     before = clone(params)

@@ -22,6 +22,8 @@ constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxChunk = 65536;
 constexpr int64_t kChunksPerThread = 8;
 constexpr int64_t kMinParallel = 32768;
+// Calls with at least this many tensors are checked by all threads (see check_each).
+constexpr size_t kMinParallelChecks = 256;
 
 int dtype_index(at::ScalarType type) {
   switch (type) {
@@ -120,6 +122,29 @@ void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// Runs check(i) for every tensor index i. After a backward pass the metadata of thousands of
+// small tensors is out of the caches (and the TLB: each sits beside its data), so a check mostly
+// waits on memory: many tensors are checked by all threads, and the checks also load what the
+// serial part reads next (storage, data pointers), which then finds it in the shared cache. A
+// failing check's error is raised as it would be serially (the first one found, if several).
+template <typename Check>
+void check_each(size_t n, const Check& check) {
+  const int64_t threads = at::get_num_threads();
+  if (n < kMinParallelChecks || threads <= 1 || at::in_parallel_region()) {
+    for (size_t i = 0; i < n; ++i) check(i);
+    return;
+  }
+  const int64_t count = static_cast<int64_t>(n);
+  at::parallel_for(0, count, (count + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) check(static_cast<size_t>(i));
+  });
+}
+
+// Loads a tensor's storage and first data line without writing anything.
+void touch_data(const at::Tensor& t) {
+  if (t.has_storage() && t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
+}
+
 // Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part.
 template <typename Work, typename Consts>
 void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const Consts& consts) {
@@ -176,18 +201,22 @@ SgdPlan plan_sgd(const SgdCall& call) {
   SgdPlan plan;
   plan.work = &work;
   plan.grad_copies = &grad_copies;
+  check_each(n, [&](size_t i) {
+    const at::Tensor& p = call.params[i];
+    check_param(kOp, i, p);
+    check_like_param(kOp, "grads", i, call.grads[i], p, false);
+    touch_data(p);
+    touch_data(call.grads[i]);
+    if (!call.momentum_buffers.empty()) {
+      check_like_param(kOp, "momentum_buffers", i, call.momentum_buffers[i], p);
+      touch_data(call.momentum_buffers[i]);
+    }
+  });
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& g = call.grads[i];
-    check_param(kOp, i, p);
-    check_like_param(kOp, "grads", i, g, p, false);
-    void* buffer = nullptr;
-    if (!call.momentum_buffers.empty()) {
-      const at::Tensor& b = call.momentum_buffers[i];
-      check_like_param(kOp, "momentum_buffers", i, b, p);
-      if (use_momentum) buffer = b.mutable_data_ptr();
-    }
+    void* buffer = use_momentum ? call.momentum_buffers[i].mutable_data_ptr() : nullptr;
     const int64_t numel = p.numel();
     if (numel == 0) continue;
     const int dtype = dtype_index(p.scalar_type());
@@ -242,26 +271,30 @@ AdamPlan plan_adam(const AdamCall& call) {
   AdamPlan plan;
   plan.work = &work;
   plan.grad_copies = &grad_copies;
+  check_each(n, [&](size_t i) {
+    const at::Tensor& p = call.params[i];
+    const at::Tensor& s = call.steps[i];
+    check_param(kOp, i, p);
+    check_like_param(kOp, "grads", i, call.grads[i], p, false);
+    check_like_param(kOp, "exp_avgs", i, call.exp_avgs[i], p);
+    check_like_param(kOp, "exp_avg_sqs", i, call.exp_avg_sqs[i], p);
+    if (!call.max_exp_avg_sqs.empty())
+      check_like_param(kOp, "max_exp_avg_sqs", i, call.max_exp_avg_sqs[i], p);
+    TORCH_CHECK(s.defined() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                    s.numel() == 1 && s.device().is_cpu() && plain_memory(s),
+                "fused_opt.adam_: steps[", i, "] must be a one-element float32 (or float64) CPU "
+                "tensor, got ", s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
+    for (const TensorRefs* list : {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs,
+                                   &call.steps})
+      touch_data((*list)[i]);
+    if (call.amsgrad) touch_data(call.max_exp_avg_sqs[i]);
+  });
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& m = call.exp_avgs[i];
     const at::Tensor& v = call.exp_avg_sqs[i];
-    const at::Tensor& s = call.steps[i];
-    check_param(kOp, i, p);
-    check_like_param(kOp, "grads", i, call.grads[i], p, false);
-    check_like_param(kOp, "exp_avgs", i, m, p);
-    check_like_param(kOp, "exp_avg_sqs", i, v, p);
-    void* vmax = nullptr;
-    if (!call.max_exp_avg_sqs.empty()) {
-      const at::Tensor& x = call.max_exp_avg_sqs[i];
-      check_like_param(kOp, "max_exp_avg_sqs", i, x, p);
-      if (call.amsgrad) vmax = x.mutable_data_ptr();
-    }
-    TORCH_CHECK(s.defined() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
-                    s.numel() == 1 && s.device().is_cpu() && plain_memory(s),
-                "fused_opt.adam_: steps[", i, "] must be a one-element float32 (or float64) CPU "
-                "tensor, got ", s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
+    void* vmax = call.amsgrad ? call.max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
     const int dtype = dtype_index(p.scalar_type());
     work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, *plan.grad_copies),
                     m.mutable_data_ptr(),
