@@ -123,10 +123,10 @@ void bump_version(const at::Tensor& t) {
 }
 
 // Runs check(i) for every tensor index i. After a backward pass the metadata of thousands of
-// small tensors is out of the caches (and the TLB: each sits beside its data), so a check mostly
-// waits on memory: many tensors are checked by all threads, and the checks also load what the
-// serial part reads next (storage, data pointers), which then finds it in the shared cache. A
-// failing check's error is raised as it would be serially (the first one found, if several).
+// small tensors is out of the caches, so a check mostly waits on memory: many tensors are checked
+// by all threads, and the checks also load what the serial part reads next (storage, data
+// pointers), which then finds it in the shared cache. A failing check raises its error as it
+// would serially (when several fail, the one a thread met first).
 template <typename Check>
 void check_each(size_t n, const Check& check) {
   const int64_t threads = at::get_num_threads();
@@ -140,7 +140,7 @@ void check_each(size_t n, const Check& check) {
   });
 }
 
-// Loads a tensor's storage and first data line without writing anything.
+// Brings a tensor's storage into the cache and starts loading its first data line; writes nothing.
 void touch_data(const at::Tensor& t) {
   if (t.has_storage() && t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
 }
