@@ -9,7 +9,8 @@ Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py
   TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0+PTX"  CUDA archs; unset: the visible GPUs', or without one
                                        DEFAULT_CUDA_ARCHS below.
   FUSED_OPT_CPU_ISAS    e.g. "avx2"    SIMD variants to compile besides the portable baseline
-                                       (default: all of avx2, avx512, avx512bf16 on x86-64).
+                                       (default: those of avx2, avx512, avx512bf16 on x86-64
+                                       that the compiler can build).
   MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
   CXX, NVCC             paths          the compilers.
 
@@ -52,16 +53,44 @@ def have_cxx() -> bool:
 
 
 def cpu_isas() -> list[str]:
+    """The SIMD variants to compile: FUSED_OPT_CPU_ISAS, else every one the compiler can build
+    (GCC < 10 and Clang < 9 lack -mavx512bf16: such a build leaves that variant out)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     requested = os.environ.get("FUSED_OPT_CPU_ISAS")
     if requested is None:
-        return list(X86_ISAS)
+        isas = [isa for isa in X86_ISAS if compiler_builds(isa)]
+        if skipped := [isa for isa in X86_ISAS if isa not in isas]:
+            print(f"setup.py: the C++ compiler cannot build {skipped}; left out", file=sys.stderr)
+        return isas
     isas = [isa.strip() for isa in requested.replace(";", ",").split(",") if isa.strip()]
     unknown = set(isas) - set(X86_ISAS)
     if unknown:
         sys.exit(f"setup.py: unknown FUSED_OPT_CPU_ISAS {sorted(unknown)}; known: {X86_ISAS}")
+    if unbuildable := [isa for isa in isas if not compiler_builds(isa)]:
+        sys.exit(f"setup.py: the C++ compiler cannot build FUSED_OPT_CPU_ISAS {unbuildable}")
     return isas
+
+
+# One intrinsic each variant needs that older compilers lack.
+ISA_PROBES = {
+    "avx2": "_mm256_fmadd_ps(_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps())",
+    "avx512": "_mm512_fpclass_ps_mask(_mm512_setzero_ps(), 0x20)",
+    "avx512bf16": "_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps())",
+}
+
+
+def compiler_builds(isa: str) -> bool:
+    """Whether the C++ compiler accepts ``isa``'s flags and intrinsics."""
+    if sys.platform == "win32":
+        return True  # cpu_extension() builds no ISA variant there
+    source = f"#include <immintrin.h>\nvoid probe() {{ (void){ISA_PROBES[isa]}; }}\n"
+    cxx = os.environ.get("CXX", "c++")
+    command = [cxx, "-x", "c++", "-c", "-", "-o", os.devnull, *CPU_ISA_FLAGS[isa]]
+    try:
+        return subprocess.run(command, input=source, capture_output=True, text=True).returncode == 0
+    except OSError:
+        return False
 
 
 def compiler_version() -> str:
@@ -248,11 +277,11 @@ def main() -> None:
             torch_version=torch.__version__,
             cxx11_abi=bool(torch.compiled_with_cxx11_abi()),
             compiler=compiler_version(),
-            cpu_isas=["baseline"] + cpu_isas(),
+            cpu_isas=["baseline"] + (isas := cpu_isas()),
             cuda_version=None,
             cuda_archs=[],
         )
-        ext_modules.append(cpu_extension(ROOT, cpu_isas()))
+        ext_modules.append(cpu_extension(ROOT, isas))
         cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"), DEFAULT_CUDA_ARCHS)
         if cuda is not None:
             extension, cuda_version, archs = cuda

@@ -337,10 +337,36 @@ def test_install_docs_list_exactly_the_variables_setup_py_reads():
     assert not readme_table or readme_table == documented
 
 
-def test_local_version_label_names_the_torch_minor_and_cuda():
+def _setup_module():
     spec = importlib.util.spec_from_file_location("fused_opt_setup", ROOT / "setup.py")
     setup = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup)  # main() runs only as a script
+    return setup
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 variants")
+def test_a_compiler_without_avx512bf16_builds_the_other_variants(tmp_path, monkeypatch):
+    """GCC < 10 / Clang < 9 reject -mavx512bf16: that variant is left out, unless asked for."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    old_compiler = tmp_path / "old-c++"
+    old_compiler.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && exit 1; done\nexec {cxx} "$@"\n'
+    )
+    old_compiler.chmod(0o755)
+    setup = _setup_module()
+    monkeypatch.delenv("FUSED_OPT_CPU_ISAS", raising=False)
+    assert setup.cpu_isas() == ["avx2", "avx512", "avx512bf16"]  # this machine's compiler
+    monkeypatch.setenv("CXX", str(old_compiler))
+    assert setup.cpu_isas() == ["avx2", "avx512"]
+    monkeypatch.setenv("FUSED_OPT_CPU_ISAS", "avx2,avx512bf16")
+    with pytest.raises(SystemExit, match=r"cannot build FUSED_OPT_CPU_ISAS \['avx512bf16'\]"):
+        setup.cpu_isas()
+
+
+def test_local_version_label_names_the_torch_minor_and_cuda():
+    setup = _setup_module()
     assert setup.local_version_label("2.13.0+cpu", None) == "torch2.13cpu"
     assert setup.local_version_label("2.11.0+cu130", "13.0") == "torch2.11cu130"
     assert setup.local_version_label("2.12.1", "12.8.93") == "torch2.12cu128"
