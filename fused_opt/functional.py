@@ -53,8 +53,8 @@ def grads_of(params: list[Tensor]) -> list[Tensor | None]:
     """``[p.grad for p in params]``; in eager mode one C++ call when the CPU library is loaded.
 
     After a backward pass the params' metadata is out of the caches and reading each ``.grad``
-    costs several cache misses; the C++ loop overlaps them across params (about half the time
-    on thousands of params). Under tracing or a mode the attribute is read as usual.
+    costs several cache misses; the C++ loop overlaps them across params (about a third of the
+    time on thousands of params). Under tracing or a mode the attribute is read as usual.
     """
     native = _ops.native_module("cpp")
     if native is None or _observed():

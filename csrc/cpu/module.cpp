@@ -157,14 +157,13 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // ---- grads_of ---------------------------------------------------------------------------------
 // [p.grad for p in params] in one call, for the optimizers' eager step. After a backward pass
 // the params' metadata is out of the caches, and reading one grad follows four pointers (Python
-// object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss: about 0.3 us per
-// param when done one param at a time. Following one level for every param before the next lets
-// the CPU overlap the misses of many params. Tensor subclasses other than Parameter (which may
-// define .grad through __torch_function__) are read through the attribute, as Python would.
-constexpr int kImplLines = 4;  // a TensorImpl spans about four cache lines
-
+// object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss: about 0.35 us per
+// param when done one param at a time. Here each iteration also prefetches those pointers for the
+// params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so the misses of
+// many params overlap. Tensor subclasses other than Parameter (which may define .grad through
+// __torch_function__) are read through the attribute, as Python would.
 void prefetch_impl(const c10::TensorImpl* impl) {
-  for (int line = 0; line < kImplLines; ++line)
+  for (int line = 0; line < 4; ++line)  // a TensorImpl spans about four cache lines
     __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
 }
 
@@ -174,26 +173,29 @@ PyObject* grads_of(PyObject*, PyObject* params) {
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  thread_local std::vector<const at::Tensor*> plain;  // null: read through the attribute
-  plain.assign(n, nullptr);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(params, i);
-    if (THPVariable_CheckExact(item)) plain[i] = &THPVariable_Unpack(item);
-  }
-  for (const at::Tensor* t : plain)
-    if (t != nullptr) prefetch_impl(t->unsafeGetTensorImpl());
-  for (const at::Tensor* t : plain)
-    if (t != nullptr) __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
-  for (const at::Tensor* t : plain)
-    if (t != nullptr && t->unsafeGetTensorImpl()->grad().defined())
-      prefetch_impl(t->unsafeGetTensorImpl()->grad().unsafeGetTensorImpl());
+  PyObject** items = PySequence_Fast_ITEMS(params);
+  // The tensor of a param whose .grad C++ can read, else null.
+  const auto plain = [items](Py_ssize_t i) -> const at::Tensor* {
+    return THPVariable_CheckExact(items[i]) ? &THPVariable_Unpack(items[i]) : nullptr;
+  };
+  constexpr Py_ssize_t kAhead = 4;
   PyObject* grads = PyList_New(n);
   if (grads == nullptr) return nullptr;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* grad = plain[i] != nullptr
-                           ? THPVariable_Wrap(plain[i]->grad())
-                           : PyObject_GetAttrString(PyList_GET_ITEM(params, i), "grad");
+      if (i + 4 * kAhead < n) __builtin_prefetch(items[i + 4 * kAhead]);
+      if (i + 3 * kAhead < n)
+        if (const at::Tensor* t = plain(i + 3 * kAhead)) prefetch_impl(t->unsafeGetTensorImpl());
+      if (i + 2 * kAhead < n)
+        if (const at::Tensor* t = plain(i + 2 * kAhead))
+          __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
+      if (i + kAhead < n)
+        if (const at::Tensor* t = plain(i + kAhead))
+          if (const at::Tensor& grad = t->unsafeGetTensorImpl()->grad(); grad.defined())
+            prefetch_impl(grad.unsafeGetTensorImpl());
+      const at::Tensor* t = plain(i);
+      PyObject* grad = t != nullptr ? THPVariable_Wrap(t->grad())
+                                    : PyObject_GetAttrString(items[i], "grad");
       if (grad == nullptr) {
         Py_DECREF(grads);
         return nullptr;
