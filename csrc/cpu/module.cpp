@@ -162,11 +162,6 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so the misses of
 // many params overlap. Tensor subclasses other than Parameter (which may define .grad through
 // __torch_function__) are read through the attribute, as Python would.
-void prefetch_impl(const c10::TensorImpl* impl) {
-  for (int line = 0; line < 4; ++line)  // a TensorImpl spans about four cache lines
-    __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
-}
-
 PyObject* grads_of(PyObject*, PyObject* params) {
   if (!PyList_Check(params)) {
     PyErr_SetString(PyExc_TypeError, "fused_opt._C.grads_of: params must be a list");
@@ -185,14 +180,15 @@ PyObject* grads_of(PyObject*, PyObject* params) {
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (i + 4 * kAhead < n) __builtin_prefetch(items[i + 4 * kAhead]);
       if (i + 3 * kAhead < n)
-        if (const at::Tensor* t = plain(i + 3 * kAhead)) prefetch_impl(t->unsafeGetTensorImpl());
+        if (const at::Tensor* t = plain(i + 3 * kAhead))
+          prefetch_tensor_impl(t->unsafeGetTensorImpl());
       if (i + 2 * kAhead < n)
         if (const at::Tensor* t = plain(i + 2 * kAhead))
           __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
       if (i + kAhead < n)
         if (const at::Tensor* t = plain(i + kAhead))
           if (const at::Tensor& grad = t->unsafeGetTensorImpl()->grad(); grad.defined())
-            prefetch_impl(grad.unsafeGetTensorImpl());
+            prefetch_tensor_impl(grad.unsafeGetTensorImpl());
       const at::Tensor* t = plain(i);
       PyObject* grad = t != nullptr ? THPVariable_Wrap(t->grad())
                                     : PyObject_GetAttrString(items[i], "grad");

@@ -150,12 +150,10 @@ void check_each(size_t n, const Check& check, const Prefetch& prefetch) {
   });
 }
 
-// Level 0: the TensorImpl (about four cache lines); level 1: the StorageImpl it points to.
+// Level 0: the TensorImpl; level 1: the StorageImpl it points to.
 void prefetch_metadata(const at::Tensor& t, int level) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (level == 0) {
-    for (int line = 0; line < 4; ++line)
-      __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
+    prefetch_tensor_impl(t.unsafeGetTensorImpl());
   } else if (t.has_storage()) {
     __builtin_prefetch(t.storage().unsafeGetStorageImpl());
   }

@@ -52,6 +52,13 @@ struct Plan {
 using SgdPlan = Plan<SgdTensor, SgdConsts>;
 using AdamPlan = Plan<AdamTensor, AdamConsts>;
 
+// Starts loading a TensorImpl (about four cache lines) ahead of use: the metadata of thousands of
+// small tensors is out of the caches after a backward pass.
+inline void prefetch_tensor_impl(const c10::TensorImpl* impl) {
+  for (int line = 0; line < 4; ++line)
+    __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
+}
+
 // Throw c10::Error (RuntimeError in Python) on bad input, before modifying anything.
 SgdPlan plan_sgd(const SgdCall& call);
 AdamPlan plan_adam(const AdamCall& call);
