@@ -164,6 +164,20 @@ void touch_data(const at::Tensor& t) {
   if (t.has_storage() && t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
 }
 
+// Points an empty plan at this thread's reused work list (room for n tensors) and grad copies,
+// so a step allocates nothing; returns the work list to fill.
+template <typename Work, typename Consts>
+std::vector<Work>& start_plan(Plan<Work, Consts>& plan, size_t n) {
+  thread_local std::vector<Work> work;
+  thread_local std::vector<at::Tensor> grad_copies;
+  work.clear();
+  work.reserve(n);
+  grad_copies.clear();
+  plan.work = &work;
+  plan.grad_copies = &grad_copies;
+  return work;
+}
+
 // Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part.
 template <typename Work, typename Consts>
 void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const Consts& consts) {
@@ -212,14 +226,8 @@ SgdPlan plan_sgd(const SgdCall& call) {
   const KernelTable& kernels = active_kernels();
   const bool scaled = call.grad_scale != nullptr;
   const bool use_momentum = call.momentum != 0;
-  thread_local std::vector<SgdTensor> work;
-  work.clear();
-  work.reserve(n);
-  thread_local std::vector<at::Tensor> grad_copies;
-  grad_copies.clear();
   SgdPlan plan;
-  plan.work = &work;
-  plan.grad_copies = &grad_copies;
+  std::vector<SgdTensor>& work = start_plan(plan, n);
   const auto check = [&](size_t i) {
     const at::Tensor& p = call.params[i];
     check_param(kOp, i, p);
@@ -288,14 +296,8 @@ AdamPlan plan_adam(const AdamCall& call) {
   const int decay = call.weight_decay == 0         ? kNoDecay
                     : call.decoupled_weight_decay ? kDecoupledDecay
                                                   : kL2Decay;
-  thread_local std::vector<AdamTensor> work;
-  work.clear();
-  work.reserve(n);
-  thread_local std::vector<at::Tensor> grad_copies;
-  grad_copies.clear();
   AdamPlan plan;
-  plan.work = &work;
-  plan.grad_copies = &grad_copies;
+  std::vector<AdamTensor>& work = start_plan(plan, n);
   const auto check = [&](size_t i) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& s = call.steps[i];
