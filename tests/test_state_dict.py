@@ -214,3 +214,67 @@ def test_optimizer_survives_deepcopy_and_pickle(name, kwargs, how, backend, devi
     assert all(p is not q for p, q in zip(twin_params, params, strict=True))
     train([(opt, params), (twin, twin_params)], 4, seed=3)
     assert_same_state(twin, twin_params, opt, params, **BITWISE)
+
+
+# ---- state layout ---------------------------------------------------------------------------
+# The state a step creates for many params is carved from one buffer per kind (optim/_base.py,
+# state_like); torch.optim gives each param its own. The values, shapes, strides and the
+# checkpoint must not show the difference.
+CHANNELS_LAST = 4  # index of the channels_last param below: it gets a tensor of its own
+
+
+def _layout_params(device: torch.device) -> list[torch.Tensor]:
+    params = make_params([(), (5,), (17,), (3, 4), (2, 3, 4, 5), (0,), (300,)], device=device)
+    params[CHANNELS_LAST] = (
+        params[CHANNELS_LAST].detach().to(memory_format=torch.channels_last).requires_grad_()
+    )
+    return params
+
+
+def _autograd_layout_stream(params: list[torch.Tensor]):
+    """Grads laid out like their params, as autograd accumulates them (torch.optim's SGD copies
+    the first grad's layout into its momentum buffer)."""
+    for grads in grad_stream(params):
+        yield [g.to(memory_format=torch.channels_last) if g.dim() == 4 else g for g in grads]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_new_state_is_carved_from_one_buffer_per_kind(name, kwargs, backend, device):
+    params = _layout_params(device)
+    ours_params, ref_params = clone_params(params), clone_params(params)
+    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
+    ref = TORCH_CLASSES[name](ref_params, **kwargs)
+    for opt, ps in ((ours, ours_params), (ref, ref_params)):
+        _train(opt, ps, 2, _autograd_layout_stream(params))
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+    kinds = [key for key in ref.state[ref_params[0]] if key != "step"]
+    buffers = []
+    for key in kinds:
+        carved = [ours.state[p][key] for i, p in enumerate(ours_params) if i != CHANNELS_LAST]
+        storages = {t.untyped_storage().data_ptr() for t in carved}
+        assert len(storages) == 1, key
+        buffers.append(storages.pop())
+        assert all(t.data_ptr() % 64 == 0 for t in carved), key
+        for p, ref_p in zip(ours_params, ref_params, strict=True):
+            state, ref_state = ours.state[p][key], ref.state[ref_p][key]
+            assert (state.shape, state.stride()) == (ref_state.shape, ref_state.stride()), key
+        own = ours.state[ours_params[CHANNELS_LAST]][key]
+        assert own.is_contiguous(memory_format=torch.channels_last)
+        assert own.untyped_storage().data_ptr() not in buffers
+    assert len(set(buffers)) == len(kinds)  # no two kinds share memory
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_a_checkpoint_stores_carved_state_once(name, kwargs, backend, device):
+    shapes = [(1000,), (3, 333), (4097,), (64, 64)]
+    params = make_params(shapes, device=device)
+    ours_params, ref_params = clone_params(params), clone_params(params)
+    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
+    ref = TORCH_CLASSES[name](ref_params, **kwargs)
+    for opt, ps in ((ours, ours_params), (ref, ref_params)):
+        _train(opt, ps, 2, grad_stream(params))
+    # The buffer is written once, not once per view: the size of torch.optim's checkpoint,
+    # plus at most a cache line of padding per tensor.
+    padding = 64 * len(shapes) * len(ours.state[ours_params[0]])
+    assert len(_save(ours, ours_params)) <= len(_save(ref, ref_params)) + padding

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, FusedOptimizer
+from ._base import Bucket, FusedOptimizer, state_like
 
 __all__ = ["Adam", "AdamW"]
 
@@ -34,28 +34,26 @@ class _AdamFamily(FusedOptimizer):
     def _state_lists(
         self, group: dict[str, Any], owners: list[Tensor]
     ) -> tuple[list[list[Tensor]], bool]:
-        created = False
-        for p in owners:
-            state = self.state[p]
-            if not state:
-                created = True
-                # Where torch.optim puts it: on the device when capturable or fused.
-                on_device = group["capturable"] or group["fused"]
-                state["step"] = torch.zeros(
-                    (), dtype=_step_dtype(), device=p.device if on_device else "cpu"
-                )
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in owners]
+        fresh = [p for p, state in zip(owners, states, strict=True) if not state]
+        # Where torch.optim keeps `step`: on the param's device when capturable or fused.
+        on_device = group["capturable"] or group["fused"]
+        for p, exp_avg, exp_avg_sq in zip(fresh, state_like(fresh), state_like(fresh),
+                                          strict=True):  # fmt: skip
+            step = torch.zeros((), dtype=_step_dtype(), device=p.device if on_device else "cpu")
+            self.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        if group["amsgrad"]:
+            unmaxed = [p for p, state in zip(owners, states, strict=True)
+                       if "max_exp_avg_sq" not in state]  # fmt: skip
+            for p, max_exp_avg_sq in zip(unmaxed, state_like(unmaxed), strict=True):
+                self.state[p]["max_exp_avg_sq"] = max_exp_avg_sq
         lists = [
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states],
         ]
-        return lists, created
+        return lists, bool(fresh)
 
     def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import Bucket, FusedOptimizer, kernel_view
+from ._base import Bucket, FusedOptimizer, kernel_view, state_like
 
 __all__ = ["SGD"]
 
@@ -99,7 +99,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             # its next step then reads uninitialised memory): one host sync, at first steps only.
             if found_inf is not None and found_inf.item():
                 return
-            new_buffers = [torch.empty_like(p) for p in bucket.owners]
+            new_buffers = state_like(bucket.owners)
             buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
         bucket.kernel(group["lr"])(
             bucket.params, grads, buffers,
