@@ -278,3 +278,29 @@ def test_a_checkpoint_stores_carved_state_once(name, kwargs, backend, device):
     # plus at most a cache line of padding per tensor.
     padding = 64 * len(shapes) * len(ours.state[ours_params[0]])
     assert len(_save(ours, ours_params)) <= len(_save(ref, ref_params)) + padding
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_resume_into_a_model_moved_to_channels_last(name, kwargs, backend, device):
+    """A checkpoint of a contiguous model, resumed after ``model.to(memory_format=
+    torch.channels_last)``: state and params disagree on strides. Training goes on exactly as
+    torch.optim's does, and the plan re-lays the state out like its param once."""
+    params = make_params([(4, 3, 2, 5), (7,)], device=device)
+    first_params = clone_params(params)
+    first = TORCH_CLASSES[name](first_params, **kwargs)
+    _train(first, first_params, 2, grad_stream(params))  # contiguous grads, contiguous state
+    blob = _save(first, first_params)
+    resumed = {}
+    for cls, extra in ((FUSED_CLASSES[name], {"backend": backend}), (TORCH_CLASSES[name], {})):
+        opt, ps, _ = _load(blob, cls, kwargs, **extra)
+        ps[0].data = ps[0].data.to(memory_format=torch.channels_last)  # what Module.to does
+        resumed[cls] = (opt, ps)
+    grads = _autograd_layout_stream(params)
+    later = [next(grads) for _ in range(3)]
+    for opt, ps in resumed.values():
+        _train(opt, ps, 3, iter(later))
+    (ours, ours_params), (ref, ref_params) = resumed.values()
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+    for state in ours.state[ours_params[0]].values():
+        if state.dim() == 4:
+            assert state.is_contiguous(memory_format=torch.channels_last)

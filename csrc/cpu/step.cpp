@@ -75,10 +75,10 @@ bool same_layout(const at::Tensor& t, const at::Tensor& p) {
 }
 
 // A grad or state tensor must match its param in shape, device and dtype. The kernels work
-// elementwise over raw memory, so it must also lay out its elements like the param: state
-// tensors must (they are created with the param's layout); a grad that does not is copied.
+// elementwise over raw memory in the param's layout; a tensor laid out otherwise (a grad of
+// other strides, state saved before the model moved to channels_last) goes through a copy.
 void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t,
-                      const at::Tensor& p, bool layout_must_match = true) {
+                      const at::Tensor& p) {
   TORCH_CHECK(t.defined(), "fused_opt.", op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
               t.layout(), "; sparse gradients are not supported");
@@ -88,21 +88,32 @@ void check_like_param(const char* op, const char* name, size_t i, const at::Tens
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
               "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
               "]");
-  TORCH_CHECK(!layout_must_match || same_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
-              "] has strides ", t.strides(), " but params[", i, "] has strides ", p.strides(),
-              "; the cpp backend needs state tensors laid out like their param");
   TORCH_CHECK(plain_memory(t), "fused_opt.", op, ": ", name, "[", i,
               "] is a lazy (neg/conj) view or a wrapper tensor; the cpp backend needs plain "
               "CPU tensors");
 }
 
-// The grad's memory in the param's layout: the grad itself, or (rarely: e.g. a contiguous grad
-// of a channels_last param) a copy kept in `copies` until the step has run.
-const void* grad_data(const at::Tensor& g, const at::Tensor& p, std::vector<at::Tensor>& copies) {
-  if (same_layout(g, p)) return g.const_data_ptr();
+// `t` itself when it is laid out like its param `p`, else a copy in p's layout kept in `copies`
+// until the step has run (rare: e.g. a contiguous grad of a channels_last param).
+const at::Tensor& in_param_layout(const at::Tensor& t, const at::Tensor& p,
+                                  std::vector<at::Tensor>& copies) {
+  if (same_layout(t, p)) return t;
   copies.push_back(at::empty_like(p, at::MemoryFormat::Preserve));
-  copies.back().copy_(g);
-  return copies.back().const_data_ptr();
+  copies.back().copy_(t);
+  return copies.back();
+}
+
+template <typename Work, typename Consts>
+const void* grad_data(const at::Tensor& g, const at::Tensor& p, Plan<Work, Consts>& plan) {
+  return in_param_layout(g, p, *plan.copies).const_data_ptr();
+}
+
+// A state tensor updated through a copy is written back by run_plan().
+template <typename Work, typename Consts>
+void* state_data(const at::Tensor& t, const at::Tensor& p, Plan<Work, Consts>& plan) {
+  const at::Tensor& laid_out = in_param_layout(t, p, *plan.copies);
+  if (&laid_out != &t) plan.write_backs->emplace_back(t, laid_out);
+  return laid_out.mutable_data_ptr();
 }
 
 double scalar_value(const char* op, const char* name, const at::Tensor& t) {
@@ -115,6 +126,14 @@ double scalar_value(const char* op, const char* name, const at::Tensor& t) {
 
 bool skip_step(const char* op, const at::Tensor* found_inf) {
   return found_inf != nullptr && scalar_value(op, "found_inf", *found_inf) != 0;
+}
+
+// The plan of a step that found_inf skips: it runs nothing and writes nothing back.
+template <typename Work, typename Consts>
+Plan<Work, Consts>& skipped(Plan<Work, Consts>& plan) {
+  plan.total = 0;
+  plan.write_backs->clear();
+  return plan;
 }
 
 // In-place updates must be visible to autograd's saved-tensor checks, as torch.optim's are.
@@ -164,17 +183,20 @@ void touch_data(const at::Tensor& t) {
   if (t.has_storage() && t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
 }
 
-// Points an empty plan at this thread's reused work list (room for n tensors) and grad copies,
+// Points an empty plan at this thread's reused work list (room for n tensors) and copies,
 // so a step allocates nothing; returns the work list to fill.
 template <typename Work, typename Consts>
 std::vector<Work>& start_plan(Plan<Work, Consts>& plan, size_t n) {
   thread_local std::vector<Work> work;
-  thread_local std::vector<at::Tensor> grad_copies;
+  thread_local std::vector<at::Tensor> copies;
+  thread_local std::vector<std::pair<at::Tensor, at::Tensor>> write_backs;
   work.clear();
   work.reserve(n);
-  grad_copies.clear();
+  copies.clear();
+  write_backs.clear();
   plan.work = &work;
-  plan.grad_copies = &grad_copies;
+  plan.copies = &copies;
+  plan.write_backs = &write_backs;
   return work;
 }
 
@@ -213,6 +235,15 @@ void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& co
   });
 }
 
+// The arithmetic, then the state tensors updated through copies are written back.
+template <typename Work, typename Consts>
+void run_and_write_back(const Plan<Work, Consts>& plan) {
+  run_parallel(*plan.work, plan.total, plan.consts);
+  for (const auto& [state, copy] : *plan.write_backs) state.copy_(copy);
+  plan.write_backs->clear();
+  plan.copies->clear();
+}
+
 }  // namespace
 
 SgdPlan plan_sgd(const SgdCall& call) {
@@ -231,7 +262,7 @@ SgdPlan plan_sgd(const SgdCall& call) {
   const auto check = [&](size_t i) {
     const at::Tensor& p = call.params[i];
     check_param(kOp, i, p);
-    check_like_param(kOp, "grads", i, call.grads[i], p, false);
+    check_like_param(kOp, "grads", i, call.grads[i], p);
     touch_data(p);
     touch_data(call.grads[i]);
     if (!call.momentum_buffers.empty()) {
@@ -249,16 +280,16 @@ SgdPlan plan_sgd(const SgdCall& call) {
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& g = call.grads[i];
-    void* buffer = use_momentum ? call.momentum_buffers[i].mutable_data_ptr() : nullptr;
+    void* buffer = use_momentum ? state_data(call.momentum_buffers[i], p, plan) : nullptr;
     const int64_t numel = p.numel();
     if (numel == 0) continue;
     const int dtype = dtype_index(p.scalar_type());
-    work.push_back({p.mutable_data_ptr(), grad_data(g, p, *plan.grad_copies), buffer, total,
+    work.push_back({p.mutable_data_ptr(), grad_data(g, p, plan), buffer, total,
                     numel, kernels.sgd[dtype][scaled][use_momentum]});
     total += numel;
   }
   // Everything is checked; from here on the call either changes nothing or does the full step.
-  if (skip_step(kOp, call.found_inf)) return plan;
+  if (skip_step(kOp, call.found_inf)) return skipped(plan);
   for (size_t i = 0; i < n; ++i) {
     bump_version(call.params[i]);
     if (use_momentum) bump_version(call.momentum_buffers[i]);
@@ -302,7 +333,7 @@ AdamPlan plan_adam(const AdamCall& call) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& s = call.steps[i];
     check_param(kOp, i, p);
-    check_like_param(kOp, "grads", i, call.grads[i], p, false);
+    check_like_param(kOp, "grads", i, call.grads[i], p);
     check_like_param(kOp, "exp_avgs", i, call.exp_avgs[i], p);
     check_like_param(kOp, "exp_avg_sqs", i, call.exp_avg_sqs[i], p);
     if (!call.max_exp_avg_sqs.empty())
@@ -325,17 +356,15 @@ AdamPlan plan_adam(const AdamCall& call) {
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = call.params[i];
-    const at::Tensor& m = call.exp_avgs[i];
-    const at::Tensor& v = call.exp_avg_sqs[i];
-    void* vmax = call.amsgrad ? call.max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
+    void* vmax = call.amsgrad ? state_data(call.max_exp_avg_sqs[i], p, plan) : nullptr;
     const int dtype = dtype_index(p.scalar_type());
-    work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, *plan.grad_copies),
-                    m.mutable_data_ptr(),
-                    v.mutable_data_ptr(), vmax, total, p.numel(), 0.0, 0.0,
+    work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, plan),
+                    state_data(call.exp_avgs[i], p, plan), state_data(call.exp_avg_sqs[i], p, plan),
+                    vmax, total, p.numel(), 0.0, 0.0,
                     kernels.adam[dtype][scaled][decay][call.amsgrad]});
     total += p.numel();
   }
-  if (skip_step(kOp, call.found_inf)) return plan;
+  if (skip_step(kOp, call.found_inf)) return skipped(plan);
 
   // Bias corrections from each tensor's own step, in double as torch.optim computes them
   // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
@@ -385,14 +414,7 @@ AdamPlan plan_adam(const AdamCall& call) {
   return plan;
 }
 
-void run_plan(const SgdPlan& plan) {
-  run_parallel(*plan.work, plan.total, plan.consts);
-  plan.grad_copies->clear();
-}
-
-void run_plan(const AdamPlan& plan) {
-  run_parallel(*plan.work, plan.total, plan.consts);
-  plan.grad_copies->clear();
-}
+void run_plan(const SgdPlan& plan) { run_and_write_back(plan); }
+void run_plan(const AdamPlan& plan) { run_and_write_back(plan); }
 
 }  // namespace fused_opt_cpu

@@ -3,14 +3,15 @@
 // of fused_opt._C (module.cpp), which skip the boxing of every tensor into an IValue.
 //
 // plan_*() checks everything, reads found_inf, advances the step counts and bumps the version
-// counters (and copies a grad whose layout differs from its param's); only then is anything
-// modified. run_plan() does the arithmetic in one parallel
+// counters (and copies a grad or state tensor whose layout differs from its param's); only then
+// is anything modified. run_plan() does the arithmetic in one parallel
 // region and touches nothing but raw memory (the Python front end releases the GIL around it).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include "kernel_api.h"
@@ -45,7 +46,10 @@ struct AdamCall {
 template <typename Work, typename Consts>
 struct Plan {
   const std::vector<Work>* work = nullptr;  // thread-local storage, valid until the next plan
-  std::vector<at::Tensor>* grad_copies = nullptr;  // grads copied to their param's layout
+  // Tensors laid out unlike their param are read (grads) or updated (state) through copies in
+  // the param's layout; run_plan() writes the state copies back.
+  std::vector<at::Tensor>* copies = nullptr;
+  std::vector<std::pair<at::Tensor, at::Tensor>>* write_backs = nullptr;  // (state, its copy)
   int64_t total = 0;  // elements over all tensors; 0: nothing to run
   Consts consts{};
 };

@@ -249,6 +249,24 @@ class FusedOptimizer:
         return loss
 
     # ---- the plan ---------------------------------------------------------------------------
+    def _lay_out_state_like_params(self, owners: list[Tensor]) -> None:
+        """Re-lays out, once, state that does not share its param's strides.
+
+        State loaded from a checkpoint keeps the layout it was saved in: a model moved to
+        channels_last after the checkpoint was written has channels_last params and contiguous
+        state. The kernels would update such a tensor through a copy at every step.
+        """
+        for p in owners:
+            if _needs_view(p):
+                continue
+            state = self.state.get(p, {})  # type: ignore[attr-defined]
+            for key, t in state.items():
+                if (isinstance(t, Tensor) and t.shape == p.shape and t.stride() != p.stride()
+                        and not (t.is_contiguous() and p.is_contiguous())):  # fmt: skip
+                    state[key] = torch.empty_like(
+                        p, dtype=t.dtype, device=t.device, memory_format=torch.preserve_format
+                    ).copy_(t)
+
     def _build_plan(self, group: dict[str, Any], grads: list[Tensor | None], missing: list[int],
                     flags: tuple) -> Plan:  # fmt: skip
         params = group["params"]
@@ -264,6 +282,7 @@ class FusedOptimizer:
         buckets = []
         for (device, _, _), index in by_key.items():
             owners = [params[i] for i in index]
+            self._lay_out_state_like_params(owners)
             state_lists, first_step = self._state_lists(group, owners)
             backend = _backends.resolve(self._backend_request, device)
             buckets.append(
