@@ -7,6 +7,7 @@ scheduler, complex params, clip_grad_norm_, channels-last params and a real nn.M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -28,6 +29,10 @@ from _reference import (
 )
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.optim.swa_utils import SWALR
 
 import fused_opt
@@ -265,6 +270,77 @@ def test_closure_is_called_once_with_grad_enabled_and_its_loss_returned(name, ba
         torch.testing.assert_close(ours_loss, ref_loss, **FP32)
     assert ours_calls == [True] * 5
     assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+
+# ---- step hooks and the profiler ----------------------------------------------------------------
+# fused_opt replaces torch.optim's step wrapper by one that skips the profiler range when nothing
+# records it (optim/_base.py, profile_hook_step); hooks must behave the same with and without.
+@pytest.mark.parametrize("profiled", [False, True], ids=["unprofiled", "profiled"])
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_run_as_in_torch_optim(name, profiled, backend, device):
+    ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device, **FULL_STATE[name])
+    events: dict[Any, list] = {ours: [], ref: []}
+    handles = [
+        register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: events[opt].append(("global pre", len(args), kwargs))
+        ),
+        register_optimizer_step_post_hook(
+            lambda opt, args, kwargs: events[opt].append(("global post", len(args), kwargs))
+        ),
+    ]
+
+    def swap_closure(opt, args, kwargs):  # a pre-hook may replace the step's arguments
+        events[opt].append(("pre", len(args), kwargs))
+        return (opt,), {"closure": lambda: torch.tensor(7.0)}
+
+    try:
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            opt.register_step_pre_hook(swap_closure)
+            opt.register_step_post_hook(lambda o, a, k: events[o].append(("post", len(a), k)))
+            set_grads(params, next(grad_stream(params)))
+            with torch.profiler.profile() if profiled else contextlib.nullcontext():
+                loss = opt.step()
+            assert loss.item() == 7.0
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [(e[0], e[1], list(e[2])) for e in events[ours]] == [
+        ("global pre", 1, []), ("pre", 1, []), ("post", 1, ["closure"]),
+        ("global post", 1, ["closure"]),
+    ]  # fmt: skip
+    assert [(e[0], e[1], list(e[2])) for e in events[ref]] == [
+        (e[0], e[1], list(e[2])) for e in events[ours]
+    ]
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+
+@pytest.mark.parametrize("profiled", [False, True], ids=["unprofiled", "profiled"])
+def test_a_pre_hook_returning_something_else_raises_like_torch_optim(profiled, backend, device):
+    ours, ours_params, ref, ref_params = _twins("AdamW", _plain, backend, device)
+    messages = []
+    for opt, params in ((ours, ours_params), (ref, ref_params)):
+        opt.register_step_pre_hook(lambda *_: 5)
+        set_grads(params, next(grad_stream(params)))
+        with torch.profiler.profile() if profiled else contextlib.nullcontext():
+            with pytest.raises(RuntimeError) as error:
+                opt.step()
+        messages.append(str(error.value).split(" must ")[1])
+    expected = "return None or a tuple of (new_args, new_kwargs), but got 5."
+    assert messages[0] == messages[1] == expected
+    assert_same_state(ours, ours_params, ref, ref_params, rtol=0, atol=0)  # no step taken
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_profiler_sees_the_step_and_its_boundary(name, backend, device, monkeypatch):
+    ours, ours_params, _, _ = _twins(name, _plain, backend, device)
+    boundaries = []
+    monkeypatch.setattr(ours, "_optimizer_step_code", lambda: boundaries.append(1))
+    set_grads(ours_params, next(grad_stream(ours_params)))
+    ours.step()
+    with torch.profiler.profile() as profiler:
+        ours.step()
+    assert f"Optimizer.step#{name}.step" in {event.name for event in profiler.events()}
+    assert len(boundaries) == 2  # torch's profiler finds step boundaries through this method
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

@@ -3,6 +3,7 @@
 // entry points to the same step for eager code: they take the op's arguments positionally and
 // read the tensors straight from the Python lists, skipping the dispatcher's per-tensor boxing
 // (most of the cost of a call with thousands of small tensors). Plain CPython API, no pybind11.
+#include <ATen/record_function.h>
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -206,6 +207,14 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   return grads;
 }
 
+// ---- profiler ----------------------------------------------------------------------------------
+// Whether a RecordFunction range opened now would reach anyone: the profiler, or any callback
+// registered from C++ (global or on this thread). The optimizers skip torch.optim's
+// "Optimizer.step#..." range when nothing would record it (see optim/_base.py).
+PyObject* record_function_callbacks(PyObject*, PyObject*) {
+  return PyBool_FromLong(at::hasCallbacks());
+}
+
 // ---- SIMD variants ---------------------------------------------------------------------------
 
 PyObject* names_where(bool (*keep)(int)) {
@@ -264,6 +273,8 @@ PyMethodDef kMethods[] = {
      "adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, "
      "weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf): "
      "fused_opt::adam_ on CPU tensors, called directly (eager mode only)."},
+    {"record_function_callbacks", record_function_callbacks, METH_NOARGS,
+     "Whether any RecordFunction callback (the profiler's or another) is registered."},
     {"grads_of", grads_of, METH_O,
      "grads_of(params): [p.grad for p in params], with the cache misses of many params "
      "overlapped (eager mode only)."},
