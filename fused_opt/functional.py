@@ -49,16 +49,18 @@ class _DirectInEager:
         return self.direct(*tensor_lists, *[hyper.get(name) for name in self.names])
 
 
-def grads_of(params: list[Tensor]) -> list[Tensor | None]:
-    """``[p.grad for p in params]``; in eager mode one C++ call when the CPU library is loaded.
+def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:
+    """``[p.grad for p in params]`` and the indices of the params whose grad is None.
 
-    After a backward pass the params' metadata is out of the caches and reading each ``.grad``
-    costs several cache misses; the C++ loop overlaps them across params (about a third of the
-    time on thousands of params). Under tracing or a mode the attribute is read as usual.
+    In eager mode one C++ call when the CPU library is loaded: after a backward pass the params'
+    metadata is out of the caches and reading each ``.grad`` costs several cache misses, which
+    the C++ loop overlaps across params (about a third of the time on thousands of params).
+    Under tracing or a mode the attribute is read as usual.
     """
     native = _ops.native_module("cpp")
     if native is None or _observed():
-        return [p.grad for p in params]
+        grads = [p.grad for p in params]
+        return grads, [i for i, g in enumerate(grads) if g is None]
     return native.grads_of(params)
 
 

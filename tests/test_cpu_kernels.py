@@ -793,8 +793,8 @@ def test_grads_of_reads_each_params_grad():
     tagged = torch.ones(2).as_subclass(Tagged).requires_grad_()
     tagged.grad = torch.full((2,), 3.0)
     params.append(tagged)
-    grads = _C.grads_of(params)
-    assert len(grads) == len(params) and grads[1] is None
+    grads, missing = _C.grads_of(params)
+    assert len(grads) == len(params) and grads[1] is None and missing == [1]
     for i in (0, 2, 3):
         assert grads[i] is params[i].grad
     assert type(grads[4]) is type(tagged.grad) and torch.equal(grads[4], tagged.grad)

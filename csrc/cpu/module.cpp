@@ -156,12 +156,13 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // ---- grads_of ---------------------------------------------------------------------------------
-// [p.grad for p in params] in one call, for the optimizers' eager step. After a backward pass
-// the params' metadata is out of the caches, and reading one grad follows four pointers (Python
-// object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss: about 0.35 us per
-// param when done one param at a time. Here each iteration also prefetches those pointers for the
-// params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so the misses of
-// many params overlap. Tensor subclasses other than Parameter (which may define .grad through
+// ([p.grad for p in params], [indices of the params whose .grad is None]) in one call, for the
+// optimizers' eager step (a Python pass to find the Nones costs 40 us on 2000 params). After a
+// backward pass the params' metadata is out of the caches, and reading one grad follows four
+// pointers (Python object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss:
+// about 0.35 us per param when done one param at a time. Here each iteration also prefetches those
+// pointers for the params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so
+// the misses of many params overlap. Tensor subclasses other than Parameter (which may define .grad through
 // __torch_function__) are read through the attribute, as Python would.
 PyObject* grads_of(PyObject*, PyObject* params) {
   if (!PyList_Check(params)) {
@@ -176,7 +177,18 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   };
   constexpr Py_ssize_t kAhead = 4;
   PyObject* grads = PyList_New(n);
-  if (grads == nullptr) return nullptr;
+  PyObject* missing = PyList_New(0);
+  if (grads == nullptr || missing == nullptr) {
+    Py_XDECREF(grads);
+    Py_XDECREF(missing);
+    return nullptr;
+  }
+  // Drops both lists and returns null (a Python error is set).
+  const auto fail = [&]() -> PyObject* {
+    Py_DECREF(grads);
+    Py_DECREF(missing);
+    return nullptr;
+  };
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (i + 4 * kAhead < n) __builtin_prefetch(items[i + 4 * kAhead]);
@@ -193,18 +205,23 @@ PyObject* grads_of(PyObject*, PyObject* params) {
       const at::Tensor* t = plain(i);
       PyObject* grad = t != nullptr ? THPVariable_Wrap(t->grad())
                                     : PyObject_GetAttrString(items[i], "grad");
-      if (grad == nullptr) {
-        Py_DECREF(grads);
-        return nullptr;
-      }
+      if (grad == nullptr) return fail();
       PyList_SET_ITEM(grads, i, grad);
+      if (grad == Py_None) {
+        PyObject* index = PyLong_FromSsize_t(i);
+        const bool appended = index != nullptr && PyList_Append(missing, index) == 0;
+        Py_XDECREF(index);
+        if (!appended) return fail();
+      }
     }
   } catch (const c10::Error& e) {
-    Py_DECREF(grads);
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
+    return fail();
   }
-  return grads;
+  PyObject* result = PyTuple_Pack(2, grads, missing);  // holds references of its own
+  Py_DECREF(grads);
+  Py_DECREF(missing);
+  return result;
 }
 
 // ---- profiler ----------------------------------------------------------------------------------
@@ -276,8 +293,8 @@ PyMethodDef kMethods[] = {
     {"record_function_callbacks", record_function_callbacks, METH_NOARGS,
      "Whether any RecordFunction callback (the profiler's or another) is registered."},
     {"grads_of", grads_of, METH_O,
-     "grads_of(params): [p.grad for p in params], with the cache misses of many params "
-     "overlapped (eager mode only)."},
+     "grads_of(params): ([p.grad for p in params], indices of the params without a grad), "
+     "with the cache misses of many params overlapped (eager mode only)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

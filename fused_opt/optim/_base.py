@@ -268,8 +268,7 @@ class FusedOptimizer:
         with torch.no_grad():
             for group in self.param_groups:  # type: ignore[attr-defined]
                 params = group["params"]
-                grads = grads_of(params)
-                missing = [i for i, g in enumerate(grads) if g is None]
+                grads, missing = grads_of(params)
                 flags = self._plan_flags(group)
                 plan = self._plans.get(id(group))
                 if plan is None or not plan.fits(params, missing, flags):
