@@ -12,6 +12,8 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# Pinned: each release of a formatter moves lines around (the pyproject `dev` extra matches).
+LINTERS := "ruff==0.17.*" "clang-format==23.1.*"
 
 .PHONY: help install test bench lint format wheel cuda-check clean
 
@@ -43,13 +45,13 @@ wheel: install
 	PYTHON=$(PY) bash tools/build_wheel.sh
 
 lint: | $(PY)
-	$(PIP) ruff clang-format
+	$(PIP) $(LINTERS)
 	$(VENV)/bin/ruff check fused_opt tests bench examples tools setup.py
 	$(VENV)/bin/ruff format --check fused_opt tests bench examples tools setup.py
 	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format --dry-run -Werror
 
 format: | $(PY)
-	$(PIP) ruff clang-format
+	$(PIP) $(LINTERS)
 	$(VENV)/bin/ruff check --fix fused_opt tests bench examples tools setup.py
 	$(VENV)/bin/ruff format fused_opt tests bench examples tools setup.py
 	find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs -r $(VENV)/bin/clang-format -i

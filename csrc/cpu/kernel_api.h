@@ -48,7 +48,7 @@ struct SgdTensor {
   void* momentum_buffer;  // null when momentum == 0
   int64_t start;          // offset of this tensor in the call's flat element space
   int64_t numel;
-  SgdFn kernel;           // chosen for this tensor's dtype
+  SgdFn kernel;  // chosen for this tensor's dtype
 };
 
 // ---- Adam / AdamW ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 // (see cpu_extension()); nothing here is shared with other translation units except the
 // kernel table, and everything else lives in namespace fused_opt_cpu::avx512.
 #include <immintrin.h>
+
 #include "kernel_api.h"
 
 namespace fused_opt_cpu {

@@ -118,8 +118,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[3];
   SgdCall c{};
-  if (!lists[0].parse(args[0], "params", c.params) ||
-      !lists[1].parse(args[1], "grads", c.grads) ||
+  if (!lists[0].parse(args[0], "params", c.params) || !lists[1].parse(args[1], "grads", c.grads) ||
       !lists[2].parse(args[2], "momentum_buffers", c.momentum_buffers) ||
       !parse_double(args[3], c.weight_decay) || !parse_double(args[4], c.momentum) ||
       !parse_lr(args[5], c.lr) || !parse_double(args[6], c.dampening) ||
@@ -139,8 +138,7 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[6];
   AdamCall c{};
-  if (!lists[0].parse(args[0], "params", c.params) ||
-      !lists[1].parse(args[1], "grads", c.grads) ||
+  if (!lists[0].parse(args[0], "params", c.params) || !lists[1].parse(args[1], "grads", c.grads) ||
       !lists[2].parse(args[2], "exp_avgs", c.exp_avgs) ||
       !lists[3].parse(args[3], "exp_avg_sqs", c.exp_avg_sqs) ||
       !lists[4].parse(args[4], "max_exp_avg_sqs", c.max_exp_avg_sqs) ||
@@ -162,7 +160,8 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // pointers (Python object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss:
 // about 0.35 us per param when done one param at a time. Here each iteration also prefetches those
 // pointers for the params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so
-// the misses of many params overlap. Tensor subclasses other than Parameter (which may define .grad through
+// the misses of many params overlap. Tensor subclasses other than Parameter (which may define .grad
+// through
 // __torch_function__) are read through the attribute, as Python would.
 PyObject* grads_of(PyObject*, PyObject* params) {
   if (!PyList_Check(params)) {
@@ -203,8 +202,8 @@ PyObject* grads_of(PyObject*, PyObject* params) {
           if (const at::Tensor& grad = t->unsafeGetTensorImpl()->grad(); grad.defined())
             prefetch_tensor_impl(grad.unsafeGetTensorImpl());
       const at::Tensor* t = plain(i);
-      PyObject* grad = t != nullptr ? THPVariable_Wrap(t->grad())
-                                    : PyObject_GetAttrString(items[i], "grad");
+      PyObject* grad =
+          t != nullptr ? THPVariable_Wrap(t->grad()) : PyObject_GetAttrString(items[i], "grad");
       if (grad == nullptr) return fail();
       PyList_SET_ITEM(grads, i, grad);
       if (grad == Py_None) {
@@ -280,8 +279,7 @@ PyMethodDef kMethods[] = {
     {"isa_active", isa_active, METH_NOARGS, "The variant the CPU kernels use now."},
     {"set_isa", set_isa, METH_O,
      "Use the named variant (None: the best supported); returns the active one."},
-    {"sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct)),
-     METH_FASTCALL,
+    {"sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct)), METH_FASTCALL,
      "sgd_(params, grads, momentum_buffers, weight_decay, momentum, lr, dampening, nesterov, "
      "maximize, is_first_step, grad_scale, found_inf): fused_opt::sgd_ on CPU tensors, called "
      "directly (eager mode only: no dispatcher, no torch.compile tracing)."},

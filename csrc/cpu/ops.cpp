@@ -42,10 +42,10 @@ void sgd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t num_args = op.schema().arguments().size();
   const c10::IValue* args = stack->data() + (stack->size() - num_args);
   thread_local ListRefs lists[3];
-  SgdCall call{lists[0].from(args[0]), lists[1].from(args[1]), lists[2].from(args[2]),
-               args[3].toDouble(), args[4].toDouble(), lr_value(args[5]), args[6].toDouble(),
-               args[7].toBool(), args[8].toBool(), args[9].toBool(), optional_tensor(args[10]),
-               optional_tensor(args[11])};
+  SgdCall call{lists[0].from(args[0]), lists[1].from(args[1]),    lists[2].from(args[2]),
+               args[3].toDouble(),     args[4].toDouble(),        lr_value(args[5]),
+               args[6].toDouble(),     args[7].toBool(),          args[8].toBool(),
+               args[9].toBool(),       optional_tensor(args[10]), optional_tensor(args[11])};
   run_plan(plan_sgd(call));
   torch::jit::drop(*stack, num_args);
 }
@@ -56,11 +56,12 @@ void adam_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t num_args = op.schema().arguments().size();
   const c10::IValue* args = stack->data() + (stack->size() - num_args);
   thread_local ListRefs lists[6];
-  AdamCall call{lists[0].from(args[0]), lists[1].from(args[1]), lists[2].from(args[2]),
-                lists[3].from(args[3]), lists[4].from(args[4]), lists[5].from(args[5]),
-                lr_value(args[6]), args[7].toDouble(), args[8].toDouble(), args[9].toDouble(),
-                args[10].toDouble(), args[11].toBool(), args[12].toBool(), args[13].toBool(),
-                optional_tensor(args[14]), optional_tensor(args[15])};
+  AdamCall call{lists[0].from(args[0]),   lists[1].from(args[1]), lists[2].from(args[2]),
+                lists[3].from(args[3]),   lists[4].from(args[4]), lists[5].from(args[5]),
+                lr_value(args[6]),        args[7].toDouble(),     args[8].toDouble(),
+                args[9].toDouble(),       args[10].toDouble(),    args[11].toBool(),
+                args[12].toBool(),        args[13].toBool(),      optional_tensor(args[14]),
+                optional_tensor(args[15])};
   run_plan(plan_adam(call));
   torch::jit::drop(*stack, num_args);
 }

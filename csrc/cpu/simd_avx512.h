@@ -12,7 +12,8 @@ inline VF operator+(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline VF operator-(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VF operator*(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VF operator/(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
-inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }  // a*b+c, one rounding
+// a*b+c with one rounding
+inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF vsqrt(VF a) { return {_mm512_sqrt_ps(a.v)}; }
 // max that returns NaN when either input is NaN (torch.maximum); max_ps alone returns b then.
 inline VF max_nan(VF a, VF b) {

@@ -54,15 +54,14 @@ void check_param(const char* op, size_t i, const at::Tensor& p) {
   TORCH_CHECK(p.defined(), "fused_opt.", op, ": params[", i, "] is undefined");
   TORCH_CHECK(p.is_floating_point(), "fused_opt.", op, ": params[", i, "] has dtype ",
               p.scalar_type(), ", not a float type");
-  TORCH_CHECK(dtype_index(p.scalar_type()) >= 0, "fused_opt.", op, ": params[", i,
-              "] has dtype ", p.scalar_type(),
-              "; the cpp backend supports float32, float64, float16 and bfloat16");
+  TORCH_CHECK(dtype_index(p.scalar_type()) >= 0, "fused_opt.", op, ": params[", i, "] has dtype ",
+              p.scalar_type(), "; the cpp backend supports float32, float64, float16 and bfloat16");
   TORCH_CHECK(p.layout() == at::kStrided, "fused_opt.", op, ": params[", i, "] is ", p.layout(),
               "; only strided tensors are supported");
   TORCH_CHECK(p.device().is_cpu(), "fused_opt.", op, ": params[", i, "] is on ", p.device(),
               ", expected cpu");
-  TORCH_CHECK(p.is_contiguous() || p.is_non_overlapping_and_dense(), "fused_opt.", op,
-              ": params[", i, "] has sizes ", p.sizes(), " and strides ", p.strides(),
+  TORCH_CHECK(p.is_contiguous() || p.is_non_overlapping_and_dense(), "fused_opt.", op, ": params[",
+              i, "] has sizes ", p.sizes(), " and strides ", p.strides(),
               ", which do not cover its memory densely; the cpp backend needs contiguous params "
               "(or dense permutations such as channels_last)");
   TORCH_CHECK(plain_memory(p), "fused_opt.", op, ": params[", i,
@@ -80,11 +79,11 @@ bool same_layout(const at::Tensor& t, const at::Tensor& p) {
 void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t,
                       const at::Tensor& p) {
   TORCH_CHECK(t.defined(), "fused_opt.", op, ": ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.layout() == at::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
-              t.layout(), "; sparse gradients are not supported");
-  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name,
-              "[", i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(),
-              " on ", p.device(), " like params[", i, "]");
+  TORCH_CHECK(t.layout() == at::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ", t.layout(),
+              "; sparse gradients are not supported");
+  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name, "[",
+              i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(), " on ",
+              p.device(), " like params[", i, "]");
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
               "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
               "]");
@@ -203,9 +202,8 @@ std::vector<Work>& start_plan(Plan<Work, Consts>& plan, size_t n) {
 // Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part.
 template <typename Work, typename Consts>
 void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const Consts& consts) {
-  auto it = std::upper_bound(work.begin(), work.end(), begin, [](int64_t pos, const Work& w) {
-    return pos < w.start + w.numel;
-  });
+  auto it = std::upper_bound(work.begin(), work.end(), begin,
+                             [](int64_t pos, const Work& w) { return pos < w.start + w.numel; });
   for (; it != work.end() && it->start < end; ++it) {
     const int64_t lo = std::max(begin, it->start) - it->start;
     const int64_t hi = std::min(end, it->start + it->numel) - it->start;
@@ -284,8 +282,8 @@ SgdPlan plan_sgd(const SgdCall& call) {
     const int64_t numel = p.numel();
     if (numel == 0) continue;
     const int dtype = dtype_index(p.scalar_type());
-    work.push_back({p.mutable_data_ptr(), grad_data(g, p, plan), buffer, total,
-                    numel, kernels.sgd[dtype][scaled][use_momentum]});
+    work.push_back({p.mutable_data_ptr(), grad_data(g, p, plan), buffer, total, numel,
+                    kernels.sgd[dtype][scaled][use_momentum]});
     total += numel;
   }
   // Everything is checked; from here on the call either changes nothing or does the full step.
@@ -324,7 +322,7 @@ AdamPlan plan_adam(const AdamCall& call) {
 
   const KernelTable& kernels = active_kernels();
   const bool scaled = call.grad_scale != nullptr;
-  const int decay = call.weight_decay == 0         ? kNoDecay
+  const int decay = call.weight_decay == 0        ? kNoDecay
                     : call.decoupled_weight_decay ? kDecoupledDecay
                                                   : kL2Decay;
   AdamPlan plan;
@@ -340,16 +338,18 @@ AdamPlan plan_adam(const AdamCall& call) {
       check_like_param(kOp, "max_exp_avg_sqs", i, call.max_exp_avg_sqs[i], p);
     TORCH_CHECK(s.defined() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
                     s.numel() == 1 && s.device().is_cpu() && plain_memory(s),
-                "fused_opt.adam_: steps[", i, "] must be a one-element float32 (or float64) CPU "
-                "tensor, got ", s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
-    for (const TensorRefs* list : {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs,
-                                   &call.steps})
+                "fused_opt.adam_: steps[", i,
+                "] must be a one-element float32 (or float64) CPU "
+                "tensor, got ",
+                s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
+    for (const TensorRefs* list :
+         {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
       touch_data((*list)[i]);
     if (call.amsgrad) touch_data(call.max_exp_avg_sqs[i]);
   };
   const auto prefetch = [&](size_t i, int level) {
-    for (const TensorRefs* list : {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs,
-                                   &call.steps})
+    for (const TensorRefs* list :
+         {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
       prefetch_metadata((*list)[i], level);
   };
   check_each(n, check, prefetch);

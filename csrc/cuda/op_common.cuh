@@ -32,18 +32,13 @@ bool contains_dtype(const TensorDesc* tensors, int64_t count, DType dtype) {
 template <typename Group>
 bool with_storage_type(DType dtype, Group& group) {
   switch (dtype) {
-    case DType::kFloat32:
-      return group.template run<float>();
-    case DType::kFloat64:
-      return group.template run<double>();
+    case DType::kFloat32: return group.template run<float>();
+    case DType::kFloat64: return group.template run<double>();
 #if defined(__CUDACC__)
-    case DType::kFloat16:
-      return group.template run<__half>();
-    case DType::kBFloat16:
-      return group.template run<__nv_bfloat16>();
+    case DType::kFloat16: return group.template run<__half>();
+    case DType::kBFloat16: return group.template run<__nv_bfloat16>();
 #endif
-    default:
-      return false;
+    default: return false;
   }
 }
 

@@ -26,14 +26,10 @@ using at::TensorList;
 
 DType dtype_of(const Tensor& t, const char* op, size_t i) {
   switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kDouble:
-      return DType::kFloat64;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
     default:
       TORCH_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
                   "; the CUDA kernels take float32, float64, float16 and bfloat16");
