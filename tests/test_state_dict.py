@@ -56,6 +56,17 @@ def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, g
         opt.step()
 
 
+def _trained_twins(name: str, kwargs: dict[str, Any], backend: str, params, steps: int, stream):
+    """fused_opt and torch.optim optimizers over copies of ``params``, both trained ``steps``
+    steps on the grads of ``stream(params)``."""
+    ours_params, ref_params = clone_params(params), clone_params(params)
+    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
+    ref = TORCH_CLASSES[name](ref_params, **kwargs)
+    for opt, ps in ((ours, ours_params), (ref, ref_params)):
+        _train(opt, ps, steps, stream(params))
+    return ours, ours_params, ref, ref_params
+
+
 def _save(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> bytes:
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict()}, buffer)
@@ -84,11 +95,7 @@ def _assert_state_dicts_equal(actual: dict, expected: dict) -> None:
 @pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
 def test_state_dict_has_torch_optims_format(name, kwargs, backend, device):
     params = make_params(SHAPES, device=device)
-    ours_params, ref_params = clone_params(params), clone_params(params)
-    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
-    ref = TORCH_CLASSES[name](ref_params, **kwargs)
-    for opt, ps in ((ours, ours_params), (ref, ref_params)):
-        _train(opt, ps, 3, _frozen_stream(params))
+    ours, _, ref, _ = _trained_twins(name, kwargs, backend, params, 3, _frozen_stream)
     sd, ref_sd = ours.state_dict(), ref.state_dict()
     assert sd.keys() == ref_sd.keys() == {"state", "param_groups"}
     assert sd["param_groups"] == ref_sd["param_groups"]
@@ -240,12 +247,9 @@ def _autograd_layout_stream(params: list[torch.Tensor]):
 
 @pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
 def test_new_state_is_carved_from_one_buffer_per_kind(name, kwargs, backend, device):
-    params = _layout_params(device)
-    ours_params, ref_params = clone_params(params), clone_params(params)
-    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
-    ref = TORCH_CLASSES[name](ref_params, **kwargs)
-    for opt, ps in ((ours, ours_params), (ref, ref_params)):
-        _train(opt, ps, 2, _autograd_layout_stream(params))
+    ours, ours_params, ref, ref_params = _trained_twins(
+        name, kwargs, backend, _layout_params(device), 2, _autograd_layout_stream
+    )
     assert_same_state(ours, ours_params, ref, ref_params, **FP32)
 
     kinds = [key for key in ref.state[ref_params[0]] if key != "step"]
@@ -269,11 +273,9 @@ def test_new_state_is_carved_from_one_buffer_per_kind(name, kwargs, backend, dev
 def test_a_checkpoint_stores_carved_state_once(name, kwargs, backend, device):
     shapes = [(1000,), (3, 333), (4097,), (64, 64)]
     params = make_params(shapes, device=device)
-    ours_params, ref_params = clone_params(params), clone_params(params)
-    ours = FUSED_CLASSES[name](ours_params, backend=backend, **kwargs)
-    ref = TORCH_CLASSES[name](ref_params, **kwargs)
-    for opt, ps in ((ours, ours_params), (ref, ref_params)):
-        _train(opt, ps, 2, grad_stream(params))
+    ours, ours_params, ref, ref_params = _trained_twins(
+        name, kwargs, backend, params, 2, grad_stream
+    )
     # The buffer is written once, not once per view: the size of torch.optim's checkpoint,
     # plus at most a cache line of padding per tensor.
     padding = 64 * len(shapes) * len(ours.state[ours_params[0]])
