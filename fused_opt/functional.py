@@ -37,14 +37,20 @@ class _DirectInEager:
     the call may be observed (torch.compile, dispatch modes, the profiler) the op runs instead.
     """
 
+    # The direct entry points take grads=None: each param's .grad, read in C++ (they return
+    # False, changing nothing, when some param has none or is a subclass).
+    reads_grads = True
+
     def __init__(self, direct: Callable[..., None], op: Any) -> None:
         self.direct = direct
         self.op = op
         # The direct entry point takes the op's keyword-only arguments positionally.
         self.names = [arg.name for arg in op._schema.arguments if arg.kwarg_only]
 
-    def __call__(self, *tensor_lists: list[Tensor], **hyper: Any) -> None:
+    def __call__(self, *tensor_lists: list[Tensor] | None, **hyper: Any) -> bool | None:
         if _observed():
+            if tensor_lists[1] is None:  # grads to read: the caller reads them for the op
+                return False
             return self.op(*tensor_lists, **hyper)
         return self.direct(*tensor_lists, *[hyper.get(name) for name in self.names])
 

@@ -774,12 +774,59 @@ def test_direct_entry_points_check_their_input():
     with pytest.raises(RuntimeError, match=re.escape("grads[1] has shape [4]")):
         _C.sgd_(params, grads, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
     with pytest.raises(TypeError, match="grads must be a list of tensors"):
-        _C.sgd_(params, None, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
+        _C.sgd_(params, 5, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
+    # None: the params' own grads, which they do not have.
+    assert _C.sgd_(params, None, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None) is False
     with pytest.raises(TypeError, match=re.escape("params[1] is not a tensor")):
         _C.sgd_([params[0], 1.0], grads, [], 0.0, 0.0, 0.1, 0.0, False, False, False, None, None)
     with pytest.raises(TypeError, match="takes 12 positional arguments"):
         _C.sgd_(params, grads, [])
     assert_bitwise(params, before)
+
+
+def _model_after_backward():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model(torch.randn(5, 4)).sum().backward()  # grads made in C++, no Python objects yet
+    return list(model.parameters())
+
+
+def test_direct_entry_points_read_the_grads_from_the_params():
+    """grads=None: each param's .grad, read in C++; the same bits as passing the grads."""
+    params = _model_after_backward()
+    ref = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    zeros = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    ref_zeros = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps, ref_steps = [torch.tensor(0.0) for _ in params], [torch.tensor(0.0) for _ in params]
+    adam = (1e-2, 0.9, 0.999, 0.1, 1e-8, False, False, True, None, None)
+    with torch.no_grad():
+        assert _C.adam_(params, None, *zeros, [], steps, *adam) is True
+        assert _C.adam_(ref, grads, *ref_zeros, [], ref_steps, *adam) is None
+        assert_bitwise([*params, *zeros[0], *zeros[1], *steps],
+                       [*ref, *ref_zeros[0], *ref_zeros[1], *ref_steps])  # fmt: skip
+        sgd = (0.0, 0.9, 0.1, 0.0, True, False, True, None, None)
+        assert _C.sgd_(params, None, zeros[0], *sgd) is True
+        assert _C.sgd_(ref, grads, ref_zeros[0], *sgd) is None
+        assert_bitwise([*params, *zeros[0]], [*ref, *ref_zeros[0]])
+
+
+@pytest.mark.parametrize("case", ["a grad is None", "a param is a subclass"])
+def test_reading_grads_from_params_declines_without_changing_anything(case):
+    class Tagged(torch.Tensor):  # may define .grad through __torch_function__
+        pass
+
+    params = _model_after_backward()
+    if case == "a grad is None":
+        params[2].grad = None
+    else:
+        params[2] = params[2].detach().as_subclass(Tagged).requires_grad_()
+        params[2].grad = torch.ones_like(params[2])
+    buffers = [torch.ones_like(p) for p in params]
+    before = [clone(params), clone(buffers)]
+    with torch.no_grad():
+        done = _C.sgd_(params, None, buffers, 0.0, 0.9, 0.1, 0.0, False, False, False, None, None)
+    assert done is False
+    assert_bitwise([*params, *buffers], [*before[0], *before[1]])
 
 
 def test_grads_of_reads_each_params_grad():

@@ -343,6 +343,43 @@ def test_the_profiler_sees_the_step_and_its_boundary(name, backend, device, monk
     assert len(boundaries) == 2  # torch's profiler finds step boundaries through this method
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_steady_steps_let_the_kernel_read_the_grads(name, backend, device, monkeypatch):
+    """Once its plan is steady, a cpp step reads the grads in C++ (no Python object per new
+    grad); a param that loses its grad, or a mode watching, sends it back to the Python path."""
+    import fused_opt.optim._base as base
+
+    read_in_python = []
+    grads_of = base.grads_of
+    monkeypatch.setattr(base, "grads_of", lambda ps: (read_in_python.append(1), grads_of(ps))[1])
+    ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device, **FULL_STATE[name])
+    grads = grad_stream(ours_params)
+
+    def step_both(drop=None):
+        g = next(grads)
+        if drop is not None:
+            g[drop] = None
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            set_grads(params, g)
+            opt.step()
+
+    for _ in range(3):
+        step_both()
+    read_in_python.clear()
+    step_both()
+    assert read_in_python == ([] if backend == "cpp" else [1])
+    step_both(drop=1)  # a param without a grad: the Python path, a new plan
+    assert read_in_python
+
+    class Watching(torch.overrides.TorchFunctionMode):  # a mode: the op runs, not _C
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watching():
+        step_both()
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_grad(name, set_to_none, backend, device):

@@ -110,6 +110,91 @@ PyObject* step(const Call& call) {
   Py_RETURN_NONE;
 }
 
+// ---- grads read from the params -------------------------------------------------------------
+// The tensor of a param whose .grad C++ may read: a Tensor or Parameter, not a subclass (which
+// may define .grad through __torch_function__); else null.
+const at::Tensor* plain_param(PyObject* item) {
+  return THPVariable_CheckExact(item) ? &THPVariable_Unpack(item) : nullptr;
+}
+
+// Reading one grad follows four pointers (Python object, TensorImpl, AutogradMeta, the grad's
+// TensorImpl), each a cache miss after a backward pass. Before reading the grad of items[i],
+// this prefetches those pointers for the params 4, 8, 12 and 16 places ahead, one level deeper
+// the nearer they are, so the misses of many params overlap.
+void prefetch_grads_ahead(PyObject* const* items, Py_ssize_t i, Py_ssize_t n) {
+  constexpr Py_ssize_t kAhead = 4;
+  if (i + 4 * kAhead < n) __builtin_prefetch(items[i + 4 * kAhead]);
+  if (i + 3 * kAhead < n)
+    if (const at::Tensor* t = plain_param(items[i + 3 * kAhead]))
+      prefetch_tensor_impl(t->unsafeGetTensorImpl());
+  if (i + 2 * kAhead < n)
+    if (const at::Tensor* t = plain_param(items[i + 2 * kAhead]))
+      __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
+  if (i + kAhead < n)
+    if (const at::Tensor* t = plain_param(items[i + kAhead]))
+      if (const at::Tensor& grad = t->unsafeGetTensorImpl()->grad(); grad.defined())
+        prefetch_tensor_impl(grad.unsafeGetTensorImpl());
+}
+
+// grads=None in sgd_() / adam_(): each param's .grad, read here. A grad the autograd engine made
+// has no Python object until Python reads it, and making one costs about 0.35 us (0.7 ms for
+// 2000 params after every backward that starts from grads set to None); read here, none is
+// made. Holds a reference to each grad for the call, since the GIL is released meanwhile.
+struct ParamGrads {
+  std::vector<at::Tensor> refs;
+  std::vector<const at::Tensor*> ptrs;
+
+  // False when a param is a subclass or has no grad: nothing is read, the caller reads them.
+  bool read(PyObject* params, TensorRefs& out) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(params);
+    PyObject* const* items = PySequence_Fast_ITEMS(params);
+    refs.clear();
+    refs.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      prefetch_grads_ahead(items, i, n);
+      const at::Tensor* p = plain_param(items[i]);
+      if (p == nullptr || !p->unsafeGetTensorImpl()->grad().defined()) {
+        refs.clear();
+        return false;
+      }
+      refs.push_back(p->unsafeGetTensorImpl()->grad());
+    }
+    ptrs.clear();
+    for (const at::Tensor& g : refs) ptrs.push_back(&g);
+    out = {ptrs.data(), ptrs.size()};
+    return true;
+  }
+
+  // Drops the references; the grads' TensorImpls are cold again after the kernels ran.
+  void release() {
+    constexpr size_t kAhead = 8;
+    for (size_t i = 0; i < refs.size(); ++i) {
+      if (i + kAhead < refs.size())
+        __builtin_prefetch(refs[i + kAhead].unsafeGetTensorImpl(), /*rw=*/1);
+      refs[i] = at::Tensor();
+    }
+    refs.clear();
+  }
+};
+
+// A list of grads, or None: read from the params after all arguments are parsed.
+bool parse_grads(PyObject* obj, PyTensorList& list, TensorRefs& out) {
+  return obj == Py_None || list.parse(obj, "grads", out);
+}
+
+// The step with the grads read from the params: True once done, False (nothing changed) when
+// they cannot be read here.
+template <typename Call>
+PyObject* step_with_param_grads(PyObject* params, Call& call) {
+  thread_local ParamGrads grads;
+  if (!grads.read(params, call.grads)) Py_RETURN_FALSE;
+  PyObject* done = step(call);
+  grads.release();
+  if (done == nullptr) return nullptr;
+  Py_DECREF(done);
+  Py_RETURN_TRUE;
+}
+
 PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 12) {
     PyErr_Format(PyExc_TypeError, "fused_opt._C.sgd_ takes 12 positional arguments, got %zd",
@@ -118,7 +203,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[3];
   SgdCall c{};
-  if (!lists[0].parse(args[0], "params", c.params) || !lists[1].parse(args[1], "grads", c.grads) ||
+  if (!lists[0].parse(args[0], "params", c.params) || !parse_grads(args[1], lists[1], c.grads) ||
       !lists[2].parse(args[2], "momentum_buffers", c.momentum_buffers) ||
       !parse_double(args[3], c.weight_decay) || !parse_double(args[4], c.momentum) ||
       !parse_lr(args[5], c.lr) || !parse_double(args[6], c.dampening) ||
@@ -127,7 +212,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !parse_optional_tensor(args[10], "grad_scale", c.grad_scale) ||
       !parse_optional_tensor(args[11], "found_inf", c.found_inf))
     return nullptr;
-  return step(c);
+  return args[1] == Py_None ? step_with_param_grads(args[0], c) : step(c);
 }
 
 PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -138,7 +223,7 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[6];
   AdamCall c{};
-  if (!lists[0].parse(args[0], "params", c.params) || !lists[1].parse(args[1], "grads", c.grads) ||
+  if (!lists[0].parse(args[0], "params", c.params) || !parse_grads(args[1], lists[1], c.grads) ||
       !lists[2].parse(args[2], "exp_avgs", c.exp_avgs) ||
       !lists[3].parse(args[3], "exp_avg_sqs", c.exp_avg_sqs) ||
       !lists[4].parse(args[4], "max_exp_avg_sqs", c.max_exp_avg_sqs) ||
@@ -150,19 +235,15 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !parse_optional_tensor(args[14], "grad_scale", c.grad_scale) ||
       !parse_optional_tensor(args[15], "found_inf", c.found_inf))
     return nullptr;
-  return step(c);
+  return args[1] == Py_None ? step_with_param_grads(args[0], c) : step(c);
 }
 
 // ---- grads_of ---------------------------------------------------------------------------------
 // ([p.grad for p in params], [indices of the params whose .grad is None]) in one call, for the
-// optimizers' eager step (a Python pass to find the Nones costs 40 us on 2000 params). After a
-// backward pass the params' metadata is out of the caches, and reading one grad follows four
-// pointers (Python object, TensorImpl, AutogradMeta, the grad's TensorImpl), each a cache miss:
-// about 0.35 us per param when done one param at a time. Here each iteration also prefetches those
-// pointers for the params 4, 8, 12 and 16 places ahead, one level deeper the nearer they are, so
-// the misses of many params overlap. Tensor subclasses other than Parameter (which may define .grad
-// through
-// __torch_function__) are read through the attribute, as Python would.
+// optimizers' eager step when the kernels cannot read the grads themselves (a Python pass to find
+// the Nones costs 40 us on 2000 params). Reading one param's grad at a time costs about 0.35 us
+// after a backward pass; with prefetch_grads_ahead(), about a third. Subclasses other than
+// Parameter are read through the attribute, as Python would.
 PyObject* grads_of(PyObject*, PyObject* params) {
   if (!PyList_Check(params)) {
     PyErr_SetString(PyExc_TypeError, "fused_opt._C.grads_of: params must be a list");
@@ -170,11 +251,6 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   }
   const Py_ssize_t n = PyList_GET_SIZE(params);
   PyObject** items = PySequence_Fast_ITEMS(params);
-  // The tensor of a param whose .grad C++ can read, else null.
-  const auto plain = [items](Py_ssize_t i) -> const at::Tensor* {
-    return THPVariable_CheckExact(items[i]) ? &THPVariable_Unpack(items[i]) : nullptr;
-  };
-  constexpr Py_ssize_t kAhead = 4;
   PyObject* grads = PyList_New(n);
   PyObject* missing = PyList_New(0);
   if (grads == nullptr || missing == nullptr) {
@@ -190,18 +266,8 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   };
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
-      if (i + 4 * kAhead < n) __builtin_prefetch(items[i + 4 * kAhead]);
-      if (i + 3 * kAhead < n)
-        if (const at::Tensor* t = plain(i + 3 * kAhead))
-          prefetch_tensor_impl(t->unsafeGetTensorImpl());
-      if (i + 2 * kAhead < n)
-        if (const at::Tensor* t = plain(i + 2 * kAhead))
-          __builtin_prefetch(t->unsafeGetTensorImpl()->autograd_meta());
-      if (i + kAhead < n)
-        if (const at::Tensor* t = plain(i + kAhead))
-          if (const at::Tensor& grad = t->unsafeGetTensorImpl()->grad(); grad.defined())
-            prefetch_tensor_impl(grad.unsafeGetTensorImpl());
-      const at::Tensor* t = plain(i);
+      prefetch_grads_ahead(items, i, n);
+      const at::Tensor* t = plain_param(items[i]);
       PyObject* grad =
           t != nullptr ? THPVariable_Wrap(t->grad()) : PyObject_GetAttrString(items[i], "grad");
       if (grad == nullptr) return fail();

@@ -76,7 +76,8 @@ def state_like(params: list[Tensor]) -> list[Tensor]:
 class Bucket:
     """The params of one group on one device with one dtype, and their state, ready for a kernel."""
 
-    __slots__ = ("device", "kernels", "index", "owners", "params", "state", "viewed", "first_step")
+    __slots__ = ("device", "kernels", "index", "owners", "params", "state", "viewed", "first_step",
+                 "reads_grads")  # fmt: skip
 
     def __init__(
         self,
@@ -97,8 +98,15 @@ class Bucket:
         self.params = [kernel_view(p) for p in owners] if self.viewed else owners
         self.state = [[kernel_view(t) for t in ts] for ts in state] if self.viewed else state
         self.first_step = first_step
+        # Whether the kernel can read the grads from the params itself (eager cpp kernels, plain
+        # Tensor or Parameter params): no Python object is then made for a new grad.
+        self.reads_grads = (
+            not self.viewed
+            and all(getattr(k, "reads_grads", False) for k in self.kernels)
+            and all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in owners)
+        )
 
-    def kernel(self, lr: float | Tensor) -> Callable[..., None]:
+    def kernel(self, lr: float | Tensor) -> Callable[..., bool | None]:
         return self.kernels[isinstance(lr, Tensor)]
 
     def grads(self, all_grads: list[Tensor], whole_group: bool) -> list[Tensor]:
@@ -109,7 +117,8 @@ class Bucket:
 class Plan:
     """A group's buckets, valid while its params list and the set of params with grads hold."""
 
-    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "stale", "sparse")
+    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "reads_grads",
+                 "stale", "sparse")  # fmt: skip
 
     def __init__(self, params: list[Tensor], missing: list[int], flags: tuple,
                  buckets: list[Bucket], sparse: bool = False) -> None:  # fmt: skip
@@ -121,6 +130,8 @@ class Plan:
         self.buckets = buckets
         # One bucket over every param of the group: the grads list is passed as it is.
         self.whole_group = len(buckets) == 1 and not missing
+        # ... and its kernel may read the grads itself, which it does while every param has one.
+        self.reads_grads = self.whole_group and buckets[0].reads_grads
         self.stale = sparse
 
     def fits(self, params: list[Tensor], missing: list[int], flags: tuple) -> bool:
@@ -154,8 +165,10 @@ class FusedOptimizer:
         """The kernel's state lists for ``owners``, and whether this step creates their state."""
         raise NotImplementedError
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
+        """Runs the bucket's kernel; grads=None (when bucket.reads_grads): the kernel reads them
+        from the params and returns whether it could."""
         raise NotImplementedError
 
     # Sparse grads: groups that have them run torch.optim's own step (SGD), or are refused.
@@ -268,9 +281,15 @@ class FusedOptimizer:
         with torch.no_grad():
             for group in self.param_groups:  # type: ignore[attr-defined]
                 params = group["params"]
-                grads, missing = grads_of(params)
                 flags = self._plan_flags(group)
                 plan = self._plans.get(id(group))
+                if plan is not None and plan.reads_grads and plan.fits(params, [], flags):
+                    bucket = plan.buckets[0]
+                    scale, inf = (on_device(grad_scale, bucket.device, moved[0]),
+                                  on_device(found_inf, bucket.device, moved[1]))  # fmt: skip
+                    if self._launch(group, bucket, None, scale, inf):
+                        continue  # every param had a grad, and the kernel read them
+                grads, missing = grads_of(params)
                 if plan is None or not plan.fits(params, missing, flags):
                     plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
                 elif len(plan.buckets) > 1 and any(g is not None and g.is_sparse for g in grads):

@@ -55,12 +55,12 @@ class _AdamFamily(FusedOptimizer):
         ]
         return lists, bool(fresh)
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
-        bucket.kernel(group["lr"])(
+        return bucket.kernel(group["lr"])(
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(group["weight_decay"]), eps=group["eps"],

@@ -90,18 +90,18 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             return [buffers], False
         return [[]], True  # created by _launch, once the step is known to happen
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor],
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
         (buffers,) = bucket.state
         new_buffers: list[Tensor] = []
         if bucket.first_step:
             # A skipped first step must not leave buffers behind (torch's fused SGD does, and
             # its next step then reads uninitialised memory): one host sync, at first steps only.
             if found_inf is not None and found_inf.item():
-                return
+                return None
             new_buffers = state_like(bucket.owners)
             buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
-        bucket.kernel(group["lr"])(
+        done = bucket.kernel(group["lr"])(
             bucket.params, grads, buffers,
             weight_decay=float(group["weight_decay"]), momentum=group["momentum"],
             lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
@@ -111,3 +111,4 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         if bucket.first_step:
             for p, buffer in zip(bucket.owners, new_buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
+        return done
