@@ -41,7 +41,7 @@ class _DirectInEager:
     # False, changing nothing, when some param has none or is a subclass).
     reads_grads = True
 
-    def __init__(self, direct: Callable[..., None], op: Any) -> None:
+    def __init__(self, direct: Callable[..., bool | None], op: Any) -> None:
         self.direct = direct
         self.op = op
         # The direct entry point takes the op's keyword-only arguments positionally.
@@ -70,7 +70,9 @@ def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:
     return native.grads_of(params)
 
 
-def kernel(op: str, backend: str, device: torch.device, tensor_lr: bool) -> Callable[..., None]:
+def kernel(
+    op: str, backend: str, device: torch.device, tensor_lr: bool
+) -> Callable[..., bool | None]:
     """What runs ``op`` ("sgd_" or "adam_") for ``backend`` on ``device``.
 
     The dispatcher's op, resolved to its overload up front (resolving it per call costs more

@@ -339,8 +339,7 @@ AdamPlan plan_adam(const AdamCall& call) {
     TORCH_CHECK(s.defined() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
                     s.numel() == 1 && s.device().is_cpu() && plain_memory(s),
                 "fused_opt.adam_: steps[", i,
-                "] must be a one-element float32 (or float64) CPU "
-                "tensor, got ",
+                "] must be a one-element float32 (or float64) CPU tensor, got ",
                 s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
     for (const TensorRefs* list :
          {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
