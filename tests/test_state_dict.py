@@ -306,3 +306,83 @@ def test_resume_into_a_model_moved_to_channels_last(name, kwargs, backend, devic
     for state in ours.state[ours_params[0]].values():
         if state.dim() == 4:
             assert state.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- state replaced between steps --------------------------------------------------------------
+# The optimizers cache each group's state lists (optim/_base.py, Plan). User code replaces state
+# between steps, through every door of the dicts; torch.optim reads the dicts at every step, and
+# the cached lists must follow it (optim/_state.py).
+def _copy_tensors(state: dict) -> dict:
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _set_each_tensor(opt, params):  # `state[k] = v.to(device)`, as offloading code does
+    for state in opt.state.values():
+        for key, value in _copy_tensors(state).items():
+            state[key] = value
+
+
+def _replace_each_dict(opt, params):  # Lightning's _optimizer_to_device
+    for p in list(opt.state):
+        opt.state[p] = _copy_tensors(opt.state[p])
+
+
+def _update_each_dict(opt, params):
+    for state in opt.state.values():
+        state.update(_copy_tensors(state))
+
+
+def _reset(opt, params):
+    from collections import defaultdict
+
+    opt.state = defaultdict(dict)
+
+
+def _clear(opt, params):
+    opt.state.clear()
+
+
+def _forget_one(opt, params):
+    if params[0] in opt.state:  # plain SGD keeps no state
+        del opt.state[params[0]]
+
+
+def _restart_step(opt, params):  # a warm restart of Adam's bias correction
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = torch.zeros_like(state["step"])
+
+
+CHANGES = [_set_each_tensor, _replace_each_dict, _update_each_dict, _reset, _clear, _forget_one,
+           _restart_step]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
+def test_state_replaced_between_steps_is_followed(name, kwargs, change, backend, device):
+    params = make_params(SHAPES, device=device)
+    ours, ours_params, ref, ref_params = _trained_twins(name, kwargs, backend, params, 3,
+                                                        grad_stream)  # fmt: skip
+    change(ours, ours_params)
+    change(ref, ref_params)
+    for opt, ps in ((ours, ours_params), (ref, ref_params)):
+        _train(opt, ps, 3, grad_stream(params, seed=5))
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+    _assert_state_dicts_equal(ours.state_dict(), ours.state_dict())  # plain, complete dicts
+    assert all(type(state) is dict for state in ours.state_dict()["state"].values())
+
+
+def test_state_dicts_are_torch_optims_types(backend, device):
+    """``opt.state`` stays a defaultdict of dicts for code that checks, and its watched copies
+    never reach a checkpoint: it loads with weights_only and without fused_opt's classes."""
+    from collections import defaultdict
+
+    params = make_params(SHAPES, device=device)
+    opt = FUSED_CLASSES["Adam"](params, backend=backend)
+    train([(opt, params)], 2)
+    assert isinstance(opt.state, defaultdict)
+    assert all(isinstance(state, dict) for state in opt.state.values())
+    opt.state = {params[0]: {"step": torch.tensor(1.0)}}
+    assert isinstance(opt.state, defaultdict) and opt.state[params[1]] == {}
+    blob = pickle.dumps(opt.state_dict())
+    assert b"fused_opt" not in blob

@@ -20,6 +20,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .. import _backends, _ops
 from ..functional import _observed, grads_of, kernel, on_device
+from . import _state
 
 try:  # FSDP2 shards params as DTensors; the kernels work on the local shards.
     from torch.distributed.tensor import DTensor
@@ -115,10 +116,11 @@ class Bucket:
 
 
 class Plan:
-    """A group's buckets, valid while its params list and the set of params with grads hold."""
+    """A group's buckets, valid while its params list, the set of params with grads and the
+    optimizer's state dicts (see _state.py) hold."""
 
     __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "reads_grads",
-                 "stale", "sparse")  # fmt: skip
+                 "stale", "sparse", "generation")  # fmt: skip
 
     def __init__(self, params: list[Tensor], missing: list[int], flags: tuple,
                  buckets: list[Bucket], sparse: bool = False) -> None:  # fmt: skip
@@ -133,10 +135,12 @@ class Plan:
         # ... and its kernel may read the grads itself, which it does while every param has one.
         self.reads_grads = self.whole_group and buckets[0].reads_grads
         self.stale = sparse
+        self.generation = _state.generation()
 
     def fits(self, params: list[Tensor], missing: list[int], flags: tuple) -> bool:
         return (not self.stale and self.params is params and self.size == len(params)
-                and self.missing == missing and self.flags == flags)  # fmt: skip
+                and self.missing == missing and self.flags == flags
+                and self.generation == _state.generation())  # fmt: skip
 
 
 class FusedOptimizer:
@@ -238,6 +242,27 @@ class FusedOptimizer:
             self.param_groups.pop()  # type: ignore[attr-defined]
             raise
 
+    @property
+    def state(self) -> _state.OptimizerState:
+        """torch.optim's ``state`` (param -> dict), watched for changes by the cached plans.
+
+        Assigning a mapping (``optimizer.state = defaultdict(dict)``) stores a watched copy.
+        """
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if type(value) is not _state.OptimizerState:
+            value = _state.OptimizerState(value)
+        self.__dict__["state"] = value
+        _state.changed()
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()  # type: ignore[misc]
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
+            state_dict["state"] = _state.plain_state(state_dict["state"])
+        return state_dict
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend_request"] = self._backend_request
@@ -246,6 +271,7 @@ class FusedOptimizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also reached from load_state_dict: every cached plan refers to replaced state.
         super().__setstate__(state)  # type: ignore[misc]
+        self.state = self.__dict__["state"]  # torch.optim's __setstate__ stores a plain dict
         self.__dict__.setdefault("_backend_request", _backends.normalize(None))
         self._plans = {}
 
