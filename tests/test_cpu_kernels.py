@@ -273,6 +273,46 @@ def test_one_and_two_threads_give_the_same_bits(isa, threads, dtype):
         assert_bitwise(x, y, "1 vs 2 threads")
 
 
+MANY = 300  # enough tensors for the passes over them to run on every thread (step.cpp)
+MANY_SHAPES = [(5,), (), (0,), (3, 4), (17,)] * (MANY // 5)  # steps differ: adam_state
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 1.0], ids=["step", "found_inf"])
+@pytest.mark.parametrize("layout", ["like-params", "one-transposed"])
+def test_many_tensors_on_two_threads_give_one_threads_bits(threads, layout, found_inf):
+    """Calls over many tensors check, prepare and count steps on every thread; a tensor laid out
+    unlike its param sends the preparation back to one thread (through copies). Every tensor,
+    step count and version counter must end as on one thread."""
+    shapes = list(MANY_SHAPES)
+    if layout == "one-transposed":
+        shapes[MANY // 2 + 3] = (4, 6)
+    opts = dict(amsgrad=True, maximize=False, weight_decay=0.1, decoupled_weight_decay=True)
+    sgd_opts = dict(weight_decay=0.1, momentum=0.9, lr=0.1, dampening=0.0, nesterov=True,
+                    maximize=False, is_first_step=False)  # fmt: skip
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        state = adam_state(shapes, torch.float32)
+        grads = next(grad_stream(shapes, torch.float32))
+        buffers = clone(state[1])
+        if layout == "one-transposed":  # state saved before the model moved to channels_last
+            i = MANY // 2 + 3
+            state[1][i] = state[1][i].t().contiguous().t()
+            buffers[i] = buffers[i].t().contiguous().t()
+        versions = [t._version for ts in (*state, buffers) for t in ts]
+        inf = torch.tensor(found_inf)
+        run_adam(torch.ops.fused_opt.adam_, state, grads, opts, found_inf=inf)
+        torch.ops.fused_opt.sgd_(state[0], grads, buffers, found_inf=inf, **sgd_opts)
+        bumps = [t._version - v for t, v in zip([t for ts in (*state, buffers) for t in ts],
+                                                versions, strict=True)]  # fmt: skip
+        assert bumps == [0 if found_inf else (2 if k < len(shapes) else 1)
+                         for k in range(len(bumps))]  # fmt: skip
+        runs.append([t for ts in (*state, buffers) for t in ts])
+    assert_bitwise(runs[1], runs[0], "1 vs 2 threads")
+    if found_inf:
+        assert_bitwise(runs[0][: len(shapes)], adam_state(shapes, torch.float32)[0], "skipped")
+
+
 # ---- shapes, views, layouts, dtypes ----------------------------------------------------------
 def test_unaligned_views_match_contiguous_copies(isa):
     storage = torch.randn(4 * 1000)
@@ -601,9 +641,6 @@ def test_bad_input_raises_before_anything_changes(case):
         adam_call(bad_state, bad_grads)
     for a, b in zip(bad_state, before, strict=True):
         assert_bitwise(a, b, f"{case}: modified before raising")
-
-
-MANY = 300  # enough tensors for the checks to run on every thread (step.cpp: check_each)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 #include "step.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
@@ -140,31 +141,37 @@ void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// Runs check(i) for every tensor index i. After a backward pass the metadata of thousands of
-// small tensors is out of the caches, so the checks mostly wait on memory. Two things overlap
-// those waits: many tensors are checked by all threads, and each thread prefetches ahead of its
-// checks, two levels of pointers deep: prefetch(i + 8, 0) asks for the TensorImpls of index
-// i + 8, prefetch(i + 4, 1) for the storages they point to (cold checks of 2000 Adam params: 0.9
-// -> 0.6 ms). The checks themselves load what the serial part reads next. A failing check
-// raises its error as it would serially (when several fail, the one a thread met first).
-template <typename Check, typename Prefetch>
-void check_each(size_t n, const Check& check, const Prefetch& prefetch) {
-  constexpr size_t kAhead = 8;
-  auto check_range = [&](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) {
-      if (i + kAhead < end) prefetch(i + kAhead, 0);
-      if (i + kAhead / 2 < end) prefetch(i + kAhead / 2, 1);
-      check(i);
-    }
-  };
+// Calls range(begin, end) on parts of [0, n) that cover it: calls with many tensors on all
+// threads, one contiguous part each. After a backward pass the metadata of thousands of small
+// tensors is out of the caches, so checking and preparing them mostly waits on memory; threads
+// overlap those waits. OpenMP hands out the parts by thread number, so each pass over the
+// tensors finds their metadata in the cache of the thread that loaded it in the pass before.
+template <typename Range>
+void for_tensor_ranges(size_t n, const Range& range) {
   const int64_t threads = at::get_num_threads();
   if (n < kMinParallelChecks || threads <= 1 || at::in_parallel_region()) {
-    check_range(0, n);
+    range(size_t{0}, n);
     return;
   }
   const int64_t count = static_cast<int64_t>(n);
   at::parallel_for(0, count, (count + threads - 1) / threads, [&](int64_t begin, int64_t end) {
-    check_range(static_cast<size_t>(begin), static_cast<size_t>(end));
+    range(static_cast<size_t>(begin), static_cast<size_t>(end));
+  });
+}
+
+// Runs prepare(i) (checks, then reads of what the step needs) for every tensor index i, each
+// thread prefetching ahead, two levels of pointers deep: prefetch(i + 8, 0) asks for the
+// TensorImpls of index i + 8, prefetch(i + 4, 1) for the storages they point to. A failing
+// check raises its error as it would serially (when several fail, the one a thread met first).
+template <typename Prepare, typename Prefetch>
+void prepare_each(size_t n, const Prepare& prepare, const Prefetch& prefetch) {
+  constexpr size_t kAhead = 8;
+  for_tensor_ranges(n, [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      if (i + kAhead < end) prefetch(i + kAhead, 0);
+      if (i + kAhead / 2 < end) prefetch(i + kAhead / 2, 1);
+      prepare(i);
+    }
   });
 }
 
@@ -177,26 +184,34 @@ void prefetch_metadata(const at::Tensor& t, int level) {
   }
 }
 
-// Brings a tensor's storage into the cache and starts loading its first data line; writes nothing.
-void touch_data(const at::Tensor& t) {
-  if (t.has_storage() && t.numel() > 0) __builtin_prefetch(t.const_data_ptr());
-}
+// Starts loading a tensor's first data line (a step tensor's count, read by the next pass).
+void prefetch_data(const at::Tensor& t) { __builtin_prefetch(t.const_data_ptr()); }
 
-// Points an empty plan at this thread's reused work list (room for n tensors) and copies,
+// Points an empty plan at this thread's reused work list (one entry per tensor) and copies,
 // so a step allocates nothing; returns the work list to fill.
 template <typename Work, typename Consts>
 std::vector<Work>& start_plan(Plan<Work, Consts>& plan, size_t n) {
   thread_local std::vector<Work> work;
   thread_local std::vector<at::Tensor> copies;
   thread_local std::vector<std::pair<at::Tensor, at::Tensor>> write_backs;
-  work.clear();
-  work.reserve(n);
+  work.resize(n);  // every entry is filled before use
   copies.clear();
   write_backs.clear();
   plan.work = &work;
   plan.copies = &copies;
   plan.write_backs = &write_backs;
   return work;
+}
+
+// Places the tensors one after another in the call's flat element space; returns its size.
+template <typename Work>
+int64_t assign_starts(std::vector<Work>& work) {
+  int64_t total = 0;
+  for (Work& w : work) {
+    w.start = total;
+    total += w.numel;
+  }
+  return total;
 }
 
 // Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part.
@@ -233,10 +248,12 @@ void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& co
   });
 }
 
-// The arithmetic, then the state tensors updated through copies are written back.
+// The arithmetic, then the state tensors updated through copies are written back (below the
+// version counting: the plan has counted this step's update once, as for every tensor).
 template <typename Work, typename Consts>
 void run_and_write_back(const Plan<Work, Consts>& plan) {
   run_parallel(*plan.work, plan.total, plan.consts);
+  at::AutoDispatchBelowADInplaceOrView uncounted;
   for (const auto& [state, copy] : *plan.write_backs) state.copy_(copy);
   plan.write_backs->clear();
   plan.copies->clear();
@@ -244,6 +261,11 @@ void run_and_write_back(const Plan<Work, Consts>& plan) {
 
 }  // namespace
 
+// Both plans run in three passes over the tensors, each on all threads for large calls (see
+// for_tensor_ranges): check every tensor and read where its memory is; then, once nothing can
+// fail and found_inf has not skipped the step, advance the step counts and bump the version
+// counters; the kernels run after. A call with a tensor laid out unlike its param fills its
+// work list again on one thread, through copies (see in_param_layout).
 SgdPlan plan_sgd(const SgdCall& call) {
   constexpr const char* kOp = "sgd_";
   const size_t n = call.params.size();
@@ -257,41 +279,48 @@ SgdPlan plan_sgd(const SgdCall& call) {
   const bool use_momentum = call.momentum != 0;
   SgdPlan plan;
   std::vector<SgdTensor>& work = start_plan(plan, n);
-  const auto check = [&](size_t i) {
+  // work[i], unless `copying` is false and a tensor of param i needs a copy.
+  const auto fill = [&](size_t i, bool copying) {
+    const at::Tensor& p = call.params[i];
+    const at::Tensor& g = call.grads[i];
+    if (!copying &&
+        (!same_layout(g, p) || (use_momentum && !same_layout(call.momentum_buffers[i], p))))
+      return false;
+    void* buffer = use_momentum ? state_data(call.momentum_buffers[i], p, plan) : nullptr;
+    work[i] = {p.mutable_data_ptr(),
+               grad_data(g, p, plan),
+               buffer,
+               0,
+               p.numel(),
+               kernels.sgd[dtype_index(p.scalar_type())][scaled][use_momentum]};
+    return true;
+  };
+  std::atomic<bool> laid_out_like_params{true};
+  const auto prepare = [&](size_t i) {
     const at::Tensor& p = call.params[i];
     check_param(kOp, i, p);
     check_like_param(kOp, "grads", i, call.grads[i], p);
-    touch_data(p);
-    touch_data(call.grads[i]);
-    if (!call.momentum_buffers.empty()) {
+    if (!call.momentum_buffers.empty())
       check_like_param(kOp, "momentum_buffers", i, call.momentum_buffers[i], p);
-      touch_data(call.momentum_buffers[i]);
-    }
+    if (!fill(i, false)) laid_out_like_params.store(false, std::memory_order_relaxed);
   };
   const auto prefetch = [&](size_t i, int level) {
     prefetch_metadata(call.params[i], level);
     prefetch_metadata(call.grads[i], level);
     if (!call.momentum_buffers.empty()) prefetch_metadata(call.momentum_buffers[i], level);
   };
-  check_each(n, check, prefetch);
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = call.params[i];
-    const at::Tensor& g = call.grads[i];
-    void* buffer = use_momentum ? state_data(call.momentum_buffers[i], p, plan) : nullptr;
-    const int64_t numel = p.numel();
-    if (numel == 0) continue;
-    const int dtype = dtype_index(p.scalar_type());
-    work.push_back({p.mutable_data_ptr(), grad_data(g, p, plan), buffer, total, numel,
-                    kernels.sgd[dtype][scaled][use_momentum]});
-    total += numel;
-  }
+  prepare_each(n, prepare, prefetch);
+  if (!laid_out_like_params.load())
+    for (size_t i = 0; i < n; ++i) fill(i, true);
+  const int64_t total = assign_starts(work);
   // Everything is checked; from here on the call either changes nothing or does the full step.
   if (skip_step(kOp, call.found_inf)) return skipped(plan);
-  for (size_t i = 0; i < n; ++i) {
-    bump_version(call.params[i]);
-    if (use_momentum) bump_version(call.momentum_buffers[i]);
-  }
+  for_tensor_ranges(n, [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      bump_version(call.params[i]);
+      if (use_momentum) bump_version(call.momentum_buffers[i]);
+    }
+  });
   const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
   SgdConsts& k = plan.consts;
   k.grad_divisor = call.maximize ? -scale : scale;
@@ -327,7 +356,28 @@ AdamPlan plan_adam(const AdamCall& call) {
                                                   : kL2Decay;
   AdamPlan plan;
   std::vector<AdamTensor>& work = start_plan(plan, n);
-  const auto check = [&](size_t i) {
+  // work[i] but its bias corrections, unless `copying` is false and a tensor needs a copy.
+  const auto fill = [&](size_t i, bool copying) {
+    const at::Tensor& p = call.params[i];
+    if (!copying && (!same_layout(call.grads[i], p) || !same_layout(call.exp_avgs[i], p) ||
+                     !same_layout(call.exp_avg_sqs[i], p) ||
+                     (call.amsgrad && !same_layout(call.max_exp_avg_sqs[i], p))))
+      return false;
+    void* vmax = call.amsgrad ? state_data(call.max_exp_avg_sqs[i], p, plan) : nullptr;
+    work[i] = {p.mutable_data_ptr(),
+               grad_data(call.grads[i], p, plan),
+               state_data(call.exp_avgs[i], p, plan),
+               state_data(call.exp_avg_sqs[i], p, plan),
+               vmax,
+               0,
+               p.numel(),
+               0.0,
+               0.0,
+               kernels.adam[dtype_index(p.scalar_type())][scaled][decay][call.amsgrad]};
+    return true;
+  };
+  std::atomic<bool> laid_out_like_params{true};
+  const auto prepare = [&](size_t i) {
     const at::Tensor& p = call.params[i];
     const at::Tensor& s = call.steps[i];
     check_param(kOp, i, p);
@@ -341,63 +391,55 @@ AdamPlan plan_adam(const AdamCall& call) {
                 "fused_opt.adam_: steps[", i,
                 "] must be a one-element float32 (or float64) CPU tensor, got ",
                 s.defined() ? s.toString() : "undefined", " of shape ", s.sizes());
-    for (const TensorRefs* list :
-         {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
-      touch_data((*list)[i]);
-    if (call.amsgrad) touch_data(call.max_exp_avg_sqs[i]);
+    prefetch_data(s);
+    if (!fill(i, false)) laid_out_like_params.store(false, std::memory_order_relaxed);
   };
   const auto prefetch = [&](size_t i, int level) {
     for (const TensorRefs* list :
          {&call.params, &call.grads, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
       prefetch_metadata((*list)[i], level);
   };
-  check_each(n, check, prefetch);
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = call.params[i];
-    void* vmax = call.amsgrad ? state_data(call.max_exp_avg_sqs[i], p, plan) : nullptr;
-    const int dtype = dtype_index(p.scalar_type());
-    work.push_back({p.mutable_data_ptr(), grad_data(call.grads[i], p, plan),
-                    state_data(call.exp_avgs[i], p, plan), state_data(call.exp_avg_sqs[i], p, plan),
-                    vmax, total, p.numel(), 0.0, 0.0,
-                    kernels.adam[dtype][scaled][decay][call.amsgrad]});
-    total += p.numel();
-  }
+  prepare_each(n, prepare, prefetch);
+  if (!laid_out_like_params.load())
+    for (size_t i = 0; i < n; ++i) fill(i, true);
+  const int64_t total = assign_starts(work);
   if (skip_step(kOp, call.found_inf)) return skipped(plan);
 
-  // Bias corrections from each tensor's own step, in double as torch.optim computes them
-  // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
-  double last_step = -1.0;
-  double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
-    // that is the default dtype), then used as a Python float.
-    const at::Tensor& s = call.steps[i];
-    double step;
-    if (s.scalar_type() == at::kFloat) {
-      float* count = s.mutable_data_ptr<float>();
-      *count += 1.0f;
-      step = *count;
-    } else {
-      double* count = s.mutable_data_ptr<double>();
-      *count += 1.0;
-      step = *count;
+  for_tensor_ranges(n, [&](size_t begin, size_t end) {
+    // Bias corrections from each tensor's own step, in double as torch.optim computes them
+    // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
+    double last_step = -1.0;
+    double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
+    for (size_t i = begin; i < end; ++i) {
+      // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
+      // that is the default dtype), then used as a Python float.
+      const at::Tensor& s = call.steps[i];
+      double step;
+      if (s.scalar_type() == at::kFloat) {
+        float* count = s.mutable_data_ptr<float>();
+        *count += 1.0f;
+        step = *count;
+      } else {
+        double* count = s.mutable_data_ptr<double>();
+        *count += 1.0;
+        step = *count;
+      }
+      if (step != last_step) {
+        const double bias_correction1 = 1.0 - std::pow(call.beta1, step);
+        const double bias_correction2 = 1.0 - std::pow(call.beta2, step);
+        neg_step_size = -(call.lr / bias_correction1);
+        bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+        last_step = step;
+      }
+      work[i].neg_step_size = neg_step_size;
+      work[i].bias_correction2_sqrt = bias_correction2_sqrt;
+      bump_version(s);
+      bump_version(call.params[i]);
+      bump_version(call.exp_avgs[i]);
+      bump_version(call.exp_avg_sqs[i]);
+      if (call.amsgrad) bump_version(call.max_exp_avg_sqs[i]);
     }
-    if (step != last_step) {
-      const double bias_correction1 = 1.0 - std::pow(call.beta1, step);
-      const double bias_correction2 = 1.0 - std::pow(call.beta2, step);
-      neg_step_size = -(call.lr / bias_correction1);
-      bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
-      last_step = step;
-    }
-    work[i].neg_step_size = neg_step_size;
-    work[i].bias_correction2_sqrt = bias_correction2_sqrt;
-    bump_version(s);
-    bump_version(call.params[i]);
-    bump_version(call.exp_avgs[i]);
-    bump_version(call.exp_avg_sqs[i]);
-    if (call.amsgrad) bump_version(call.max_exp_avg_sqs[i]);
-  }
+  });
   const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
   AdamConsts& k = plan.consts;
   k.grad_divisor = call.maximize ? -scale : scale;
