@@ -269,6 +269,41 @@ def test_new_state_is_carved_from_one_buffer_per_kind(name, kwargs, backend, dev
     assert len(set(buffers)) == len(kinds)  # no two kinds share memory
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [c for c in CONFIGS if c.id != "SGD"])  # has state
+def test_carved_state_tensors_count_their_own_versions(name, kwargs, backend, device):
+    """Carved state shares memory, not version counters: each tensor has its own, as
+    torch.optim's state does (views of one buffer would all share the buffer's)."""
+    ours, ours_params, _, _ = _trained_twins(
+        name, kwargs, backend, _layout_params(device), 2, _autograd_layout_stream
+    )
+    carved = [p for i, p in enumerate(ours_params) if i != CHANNELS_LAST]
+    assert ours.state[carved[0]]
+    for key in ours.state[carved[0]]:
+        first, *others = [ours.state[p][key] for p in carved]
+        assert first._base is None, key
+        before = [t._version for t in others]
+        first.add_(0)
+        assert first._version > 0 and [t._version for t in others] == before, key
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [c for c in CONFIGS if c.values[0] != "SGD"])
+def test_new_steps_are_carved_from_one_buffer(name, kwargs, backend, device):
+    params = make_params([(3,), (5, 2), (7,)], device=device)
+    ours, ours_params, ref, ref_params = _trained_twins(
+        name, kwargs, backend, params, 3, grad_stream
+    )
+    steps = [ours.state[p]["step"] for p in ours_params]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == 1
+    for step, ref_p in zip(steps, ref_params, strict=True):
+        ref_step = ref.state[ref_p]["step"]
+        assert (step.shape, step.dtype, step.device) == (
+            ref_step.shape,
+            ref_step.dtype,
+            ref_step.device,
+        )
+        assert step.item() == ref_step.item() == 3
+
+
 @pytest.mark.parametrize(("name", "kwargs"), CONFIGS)
 def test_a_checkpoint_stores_carved_state_once(name, kwargs, backend, device):
     shapes = [(1000,), (3, 333), (4097,), (64, 64)]

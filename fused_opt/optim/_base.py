@@ -43,6 +43,20 @@ def _needs_view(t: Tensor) -> bool:
 _SLICE_ALIGN_BYTES = 64
 
 
+def _carve(buffer: Tensor, start: int, shape: torch.Size, stride: tuple[int, ...]) -> Tensor:
+    """The part of ``buffer`` at ``start``, as a tensor of its own that shares the memory.
+
+    Views would share their base's version counter: the kernels, which bump the counter of
+    every tensor they write on all threads, would then make the cores fight over that one
+    cache line (AdamW over 2000 cold small params: 0.05-0.1 ms a step). ``set_`` gives each
+    tensor a counter of its own, as torch.optim's state has. Dynamo does not trace ``set_``:
+    a compiled step carves views.
+    """
+    if torch.compiler.is_compiling():
+        return buffer.as_strided(shape, stride, start)
+    return buffer.new_empty(0).set_(buffer.untyped_storage(), start, shape, stride)
+
+
 def state_like(params: list[Tensor]) -> list[Tensor]:
     """A zero state tensor like each param, as ``zeros_like`` makes it, carved from one buffer.
 
@@ -66,12 +80,18 @@ def state_like(params: list[Tensor]) -> list[Tensor]:
         slices.setdefault(key, []).append((i, start))
         ends[key] = start + p.numel()
     for (device, dtype), places in slices.items():
-        size = ends[(device, dtype)]
-        buffer = torch.zeros(size, dtype=dtype, device=device)
+        buffer = torch.zeros(ends[(device, dtype)], dtype=dtype, device=device)
         for i, start in places:
             p = params[i]
-            out[i] = buffer[start : start + p.numel()].view(p.shape)
+            out[i] = _carve(buffer, start, p.shape, p.stride())
     return out  # type: ignore[return-value]
+
+
+def zero_scalars(count: int, dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
+    """``count`` zero 0-d tensors (Adam's ``step``), carved from one buffer like ``state_like``:
+    the step counts of thousands of params then lie on a few cache lines."""
+    buffer = torch.zeros(count, dtype=dtype, device=device)
+    return [_carve(buffer, i, torch.Size(), ()) for i in range(count)]
 
 
 class Bucket:

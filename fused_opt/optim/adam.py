@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, FusedOptimizer, state_like
+from ._base import Bucket, FusedOptimizer, state_like, zero_scalars
 
 __all__ = ["Adam", "AdamW"]
 
@@ -36,11 +36,13 @@ class _AdamFamily(FusedOptimizer):
     ) -> tuple[list[list[Tensor]], bool]:
         states = [self.state[p] for p in owners]
         fresh = [p for p, state in zip(owners, states, strict=True) if not state]
-        # Where torch.optim keeps `step`: on the param's device when capturable or fused.
         on_device = group["capturable"] or group["fused"]
-        for p, exp_avg, exp_avg_sq in zip(fresh, state_like(fresh), state_like(fresh),
-                                          strict=True):  # fmt: skip
-            step = torch.zeros((), dtype=_step_dtype(), device=p.device if on_device else "cpu")
+        # Where torch.optim keeps `step`: on the param's device when capturable or fused (the
+        # owners of a bucket share one device).
+        device = fresh[0].device if fresh and on_device else torch.device("cpu")
+        steps = zero_scalars(len(fresh), _step_dtype(), device)
+        for p, step, exp_avg, exp_avg_sq in zip(fresh, steps, state_like(fresh),
+                                                state_like(fresh), strict=True):  # fmt: skip
             self.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         if group["amsgrad"]:
             unmaxed = [p for p, state in zip(owners, states, strict=True)
