@@ -44,15 +44,16 @@ _SLICE_ALIGN_BYTES = 64
 
 
 def _carve(buffer: Tensor, start: int, shape: torch.Size, stride: tuple[int, ...]) -> Tensor:
-    """The part of ``buffer`` at ``start``, as a tensor of its own that shares the memory.
+    """The part of ``buffer`` at ``start``, as a CPU tensor of its own that shares the memory.
 
-    Views would share their base's version counter: the kernels, which bump the counter of
+    Views would share their base's version counter: the C++ kernels, which bump the counter of
     every tensor they write on all threads, would then make the cores fight over that one
     cache line (AdamW over 2000 cold small params: 0.05-0.1 ms a step). ``set_`` gives each
-    tensor a counter of its own, as torch.optim's state has. Dynamo does not trace ``set_``:
-    a compiled step carves views.
+    tensor a counter of its own, as torch.optim's state has. Other devices, whose kernels bump
+    the counters from one thread, and a compiled step (dynamo does not trace ``set_``) carve
+    views.
     """
-    if torch.compiler.is_compiling():
+    if buffer.device.type != "cpu" or torch.compiler.is_compiling():
         return buffer.as_strided(shape, stride, start)
     return buffer.new_empty(0).set_(buffer.untyped_storage(), start, shape, stride)
 
