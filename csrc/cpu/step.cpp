@@ -23,8 +23,10 @@ constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxChunk = 65536;
 constexpr int64_t kChunksPerThread = 8;
 constexpr int64_t kMinParallel = 32768;
-// Calls with at least this many tensors are checked by all threads (see check_each).
+// Calls with at least this many tensors are checked by all threads (see for_tensor_ranges).
 constexpr size_t kMinParallelChecks = 256;
+// How many tensors ahead the version counters are prefetched before their bumps.
+constexpr size_t kBumpAhead = 8;
 
 int dtype_index(at::ScalarType type) {
   switch (type) {
@@ -139,6 +141,17 @@ Plan<Work, Consts>& skipped(Plan<Work, Consts>& plan) {
 // In-place updates must be visible to autograd's saved-tensor checks, as torch.optim's are.
 void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// Starts loading, for writing, the counter that bump_version(t) increments: a heap object of
+// its own per tensor, out of the caches once the step before has streamed its data through
+// them. The bumps are atomic increments, which x86 does not overlap by itself.
+void prefetch_version_counter(const at::Tensor& t) {
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
+                "VariableVersion is expected to hold just its counter's pointer");
+  const c10::VariableVersion& version = t.unsafeGetTensorImpl()->version_counter();
+  if (const void* counter = *reinterpret_cast<const void* const*>(&version))
+    __builtin_prefetch(counter, /*rw=*/1);
 }
 
 // Calls range(begin, end) on parts of [0, n) that cover it: calls with many tensors on all
@@ -317,6 +330,10 @@ SgdPlan plan_sgd(const SgdCall& call) {
   if (skip_step(kOp, call.found_inf)) return skipped(plan);
   for_tensor_ranges(n, [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
+      if (i + kBumpAhead < end) {
+        prefetch_version_counter(call.params[i + kBumpAhead]);
+        if (use_momentum) prefetch_version_counter(call.momentum_buffers[i + kBumpAhead]);
+      }
       bump_version(call.params[i]);
       if (use_momentum) bump_version(call.momentum_buffers[i]);
     }
@@ -411,6 +428,12 @@ AdamPlan plan_adam(const AdamCall& call) {
     double last_step = -1.0;
     double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
     for (size_t i = begin; i < end; ++i) {
+      if (i + kBumpAhead < end) {
+        for (const TensorRefs* list :
+             {&call.params, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
+          prefetch_version_counter((*list)[i + kBumpAhead]);
+        if (call.amsgrad) prefetch_version_counter(call.max_exp_avg_sqs[i + kBumpAhead]);
+      }
       // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
       // that is the default dtype), then used as a Python float.
       const at::Tensor& s = call.steps[i];
