@@ -6,6 +6,7 @@ The optimizer classes cache the grouping across steps and call ``kernel()``'s ch
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -19,11 +20,21 @@ __all__ = ["adam", "kernel", "sgd"]
 _DEVICE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 
 
+# Bound once: each step asks, and looking it up through the torch module costs microseconds
+# when a backward pass has left the interpreter's data out of the caches.
+_is_compiling = torch.compiler.is_compiling
+
+
 def _observed() -> bool:
-    """Whether something may be watching op calls: tracing, a mode, the profiler."""
+    """Whether something may be watching op calls: tracing, a mode, the profiler, a
+    RecordFunction callback. Tracing is asked first: under torch.compile the rest is not run."""
+    if _is_compiling():
+        return True
+    native = _ops.COMPILED.get("cpp")
+    if native is not None:
+        return native.observed()  # the checks below and RecordFunction callbacks, in one call
     return (
-        torch.compiler.is_compiling()
-        or torch._C._is_torch_function_mode_enabled()
+        torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._autograd._profiler_enabled()
     )
@@ -44,15 +55,17 @@ class _DirectInEager:
     def __init__(self, direct: Callable[..., bool | None], op: Any) -> None:
         self.direct = direct
         self.op = op
-        # The direct entry point takes the op's keyword-only arguments positionally.
-        self.names = [arg.name for arg in op._schema.arguments if arg.kwarg_only]
+        # The direct entry point takes the op's keyword-only arguments positionally, all given.
+        self.positional = operator.itemgetter(
+            *[arg.name for arg in op._schema.arguments if arg.kwarg_only]
+        )
 
     def __call__(self, *tensor_lists: list[Tensor] | None, **hyper: Any) -> bool | None:
         if _observed():
             if tensor_lists[1] is None:  # grads to read: the caller reads them for the op
                 return False
             return self.op(*tensor_lists, **hyper)
-        return self.direct(*tensor_lists, *[hyper.get(name) for name in self.names])
+        return self.direct(*tensor_lists, *self.positional(hyper))
 
 
 def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:

@@ -343,6 +343,55 @@ def test_the_profiler_sees_the_step_and_its_boundary(name, backend, device, monk
     assert len(boundaries) == 2  # torch's profiler finds step boundaries through this method
 
 
+def test_the_cpp_step_knows_when_something_may_watch_it():
+    """The direct entry points skip the dispatcher; whenever a mode, the profiler or a
+    RecordFunction callback could watch, the step must call the op instead (_C.observed)."""
+    native = fused_opt._ops.native_module("cpp")
+    if native is None:
+        pytest.skip("the C++ extension is not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FunctionMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert not native.observed()
+    watchers = [FunctionMode, DispatchMode, torch.profiler.profile, torch.autograd.profiler.profile]
+    for watcher in watchers:
+        with watcher():
+            assert native.observed(), watcher
+        assert not native.observed(), watcher
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_dispatch_mode_sees_the_fused_op(name, backend, device):
+    if backend == "torch":
+        pytest.skip("the torch backend runs its PyTorch kernels without a fused op")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += func.namespace == "fused_opt"
+            return func(*args, **(kwargs or {}))
+
+    ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device)
+    grads = grad_stream(ours_params)
+    for watched in (False, False, True):  # the last one with a plan that reads its own grads
+        g = next(grads)
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            set_grads(params, g)
+            with Counter() if watched and opt is ours else contextlib.nullcontext():
+                opt.step()
+    assert Counter.calls == 1
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_steady_steps_let_the_kernel_read_the_grads(name, backend, device, monkeypatch):
     """Once its plan is steady, a cpp step reads the grads in C++ (no Python object per new

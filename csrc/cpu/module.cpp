@@ -3,9 +3,12 @@
 // entry points to the same step for eager code: they take the op's arguments positionally and
 // read the tensors straight from the Python lists, skipping the dispatcher's per-tensor boxing
 // (most of the cost of a call with thousands of small tensors). Plain CPython API, no pybind11.
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <Python.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 
 #include <cstdlib>
 #include <exception>
@@ -289,12 +292,17 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   return result;
 }
 
-// ---- profiler ----------------------------------------------------------------------------------
-// Whether a RecordFunction range opened now would reach anyone: the profiler, or any callback
-// registered from C++ (global or on this thread). The optimizers skip torch.optim's
-// "Optimizer.step#..." range when nothing would record it (see optim/_base.py).
-PyObject* record_function_callbacks(PyObject*, PyObject*) {
-  return PyBool_FromLong(at::hasCallbacks());
+// ---- observers ---------------------------------------------------------------------------------
+// Whether anything may watch an op called now: a torch function or dispatch mode, the profiler,
+// or any RecordFunction callback (global or this thread's). The optimizers then call the op
+// through the dispatcher, inside torch.optim's "Optimizer.step#..." range (see optim/_base.py);
+// else the direct entry points, without the range. One call instead of four from Python: the
+// step's Python code runs out of the caches after a backward pass, where each call into torch
+// costs microseconds.
+PyObject* observed(PyObject*, PyObject*) {
+  return PyBool_FromLong(at::impl::torch_function_mode_enabled() ||
+                         c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+                         torch::profiler::impl::profilerEnabled() || at::hasCallbacks());
 }
 
 // ---- SIMD variants ---------------------------------------------------------------------------
@@ -354,8 +362,9 @@ PyMethodDef kMethods[] = {
      "adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, "
      "weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf): "
      "fused_opt::adam_ on CPU tensors, called directly (eager mode only)."},
-    {"record_function_callbacks", record_function_callbacks, METH_NOARGS,
-     "Whether any RecordFunction callback (the profiler's or another) is registered."},
+    {"observed", observed, METH_NOARGS,
+     "Whether a torch function or dispatch mode, the profiler or any RecordFunction callback may "
+     "watch op calls made now."},
     {"grads_of", grads_of, METH_O,
      "grads_of(params): ([p.grad for p in params], indices of the params without a grad), "
      "with the cache misses of many params overlapped (eager mode only)."},
