@@ -145,13 +145,15 @@ void bump_version(const at::Tensor& t) {
 
 // Starts loading, for writing, the counter that bump_version(t) increments: a heap object of
 // its own per tensor, out of the caches once the step before has streamed its data through
-// them. The bumps are atomic increments, which x86 does not overlap by itself.
+// them. The bumps are atomic increments, which x86 does not overlap by itself. The counter's
+// address is read from VariableVersion, whose one member is the pointer to it; should a torch
+// release change that, nothing is prefetched (a prefetch never faults, whatever the address).
 void prefetch_version_counter(const at::Tensor& t) {
-  static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
-                "VariableVersion is expected to hold just its counter's pointer");
-  const c10::VariableVersion& version = t.unsafeGetTensorImpl()->version_counter();
-  if (const void* counter = *reinterpret_cast<const void* const*>(&version))
-    __builtin_prefetch(counter, /*rw=*/1);
+  if constexpr (sizeof(c10::VariableVersion) == sizeof(void*)) {
+    const c10::VariableVersion& version = t.unsafeGetTensorImpl()->version_counter();
+    if (const void* counter = *reinterpret_cast<const void* const*>(&version))
+      __builtin_prefetch(counter, /*rw=*/1);
+  }
 }
 
 // Calls range(begin, end) on parts of [0, n) that cover it: calls with many tensors on all
