@@ -429,13 +429,14 @@ AdamPlan plan_adam(const AdamCall& call) {
     // (`1 - beta ** step`, `bias_correction2 ** 0.5`); consecutive equal steps reuse them.
     double last_step = -1.0;
     double neg_step_size = 0.0, bias_correction2_sqrt = 0.0;
+    // The lists whose tensors the step writes: their version counters are bumped.
+    const TensorRefs* const written[] = {&call.steps, &call.params, &call.exp_avgs,
+                                         &call.exp_avg_sqs, &call.max_exp_avg_sqs};
+    const size_t written_lists = call.amsgrad ? 5 : 4;
     for (size_t i = begin; i < end; ++i) {
-      if (i + kBumpAhead < end) {
-        for (const TensorRefs* list :
-             {&call.params, &call.exp_avgs, &call.exp_avg_sqs, &call.steps})
-          prefetch_version_counter((*list)[i + kBumpAhead]);
-        if (call.amsgrad) prefetch_version_counter(call.max_exp_avg_sqs[i + kBumpAhead]);
-      }
+      if (i + kBumpAhead < end)
+        for (size_t l = 0; l < written_lists; ++l)
+          prefetch_version_counter((*written[l])[i + kBumpAhead]);
       // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
       // that is the default dtype), then used as a Python float.
       const at::Tensor& s = call.steps[i];
@@ -458,11 +459,7 @@ AdamPlan plan_adam(const AdamCall& call) {
       }
       work[i].neg_step_size = neg_step_size;
       work[i].bias_correction2_sqrt = bias_correction2_sqrt;
-      bump_version(s);
-      bump_version(call.params[i]);
-      bump_version(call.exp_avgs[i]);
-      bump_version(call.exp_avg_sqs[i]);
-      if (call.amsgrad) bump_version(call.max_exp_avg_sqs[i]);
+      for (size_t l = 0; l < written_lists; ++l) bump_version((*written[l])[i]);
     }
   });
   const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;

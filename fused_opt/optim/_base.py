@@ -53,7 +53,7 @@ def _carve(buffer: Tensor, start: int, shape: torch.Size, stride: tuple[int, ...
     the counters from one thread, and a compiled step (dynamo does not trace ``set_``) carve
     views.
     """
-    if buffer.device.type != "cpu" or torch.compiler.is_compiling():
+    if buffer.device.type != "cpu" or _is_compiling():
         return buffer.as_strided(shape, stride, start)
     return buffer.new_empty(0).set_(buffer.untyped_storage(), start, shape, stride)
 
