@@ -252,8 +252,8 @@ def _measure_all(
         if (high - low) / high > NOISY_SPREAD:
             notes.append(
                 f"memory bandwidth ({threads} threads) varied from {low:.1f} to {high:.1f} GB/s "
-                "during the run (other load on the machine); floors and speed-ups are paired "
-                "per round, so each compares calls made under the same conditions"
+                "during the run (other load on the machine); speed-ups are paired per round and "
+                "floors per call, so each compares calls made under the same conditions"
             )
     torch.set_num_threads(default_threads)
     return results, bandwidths

@@ -27,7 +27,7 @@ from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element, make_te
 __all__ = ["PAIRED_FLOOR_BYTES", "Case", "Result", "add_paired_ratios", "run_cases"]
 
 # A case that moves at least this much per step streams it from memory (the L3 caches of the
-# machines we run on hold 32 MB or less), so each round probes the bandwidth to pair with.
+# machines we run on hold 32 MB or less), so each timed call is paired with a bandwidth probe.
 # Smaller cases run from the caches or are overhead-bound: a probe would only evict their data.
 PAIRED_FLOOR_BYTES = 64 * 2**20
 
@@ -59,7 +59,7 @@ class Result:
     repeats: int = 0
     gb_per_s: float | None = None
     floor_gb_per_s: float | None = None  # the bandwidth the floor is computed from
-    paired: bool = False  # floor from each round's probe (else: the run's readings)
+    paired: bool = False  # floor from the probe before each call (else: the run's readings)
     floor_ms: float | None = None  # bytes / floor_gb_per_s
     floor_fraction: float | None = None  # floor time / measured time (1.0 = at bandwidth)
     us_per_tensor: float | None = None
@@ -91,9 +91,9 @@ def run_cases(
 ) -> list[Result]:
     """Time every implementation on every case; ``timing`` maps workload names to settings.
 
-    ``probe`` takes a reading before each (workload, dtype, optimizer) case, and one pass per
-    round in cases that move ``PAIRED_FLOOR_BYTES`` or more; the other cases' floor uses the
-    median of the readings before each case.
+    ``probe`` takes a reading before each (workload, dtype, optimizer) case, and one pass
+    before each timed call in cases that move ``PAIRED_FLOOR_BYTES`` or more; the other cases'
+    floor uses the median of the readings before each case.
     """
     cases = list(cases)
     total = sum(len(c.optimizers) for c in cases) * len(impls)
@@ -179,8 +179,9 @@ def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
     """Times, floors and speed-ups of one case's ``rows`` from the rounds they ran in together.
 
     Speed-up: median over rounds of (the reference's time / this time), the reference being the
-    torch.optim mode with the lowest median time. Fraction of the floor (when the rounds were
-    probed): median over rounds of (bytes / that round's bandwidth) / this time.
+    torch.optim mode with the lowest median time. Fraction of the floor (when the calls were
+    probed): median over rounds of (bytes / the bandwidth read right before the call) / its time;
+    the floor in ms uses the median of all the case's readings.
     """
     timed = [r for r in rows if r.implementation in rounds.samples]
     for r in timed:
@@ -192,12 +193,16 @@ def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
         r.gb_per_s = r.bytes_per_step / samples.median / 1e9
         r.us_per_tensor = samples.median * 1e6 / r.tensors
     if rounds.probe_gb_per_s:
-        _set_floor(rows, statistics.median(rounds.probe_gb_per_s))
+        readings = [gb for name in rounds.samples for gb in rounds.probe_gb_per_s[name]]
+        _set_floor(rows, statistics.median(readings))
         for r in rows:
             r.paired = True
         for r in timed:
             r.floor_fraction = _per_round_ratios(
-                [r.bytes_per_step / (gb_per_s * 1e9) for gb_per_s in rounds.probe_gb_per_s],
+                [
+                    r.bytes_per_step / (gb_per_s * 1e9)
+                    for gb_per_s in rounds.probe_gb_per_s[r.implementation]
+                ],
                 rounds.samples[r.implementation].values,
             ).median
     torch_rows = [r for r in timed if r.family == "torch.optim"]

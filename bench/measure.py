@@ -4,8 +4,9 @@ CPU and CUDA are timed the same way: synchronise, read the clock, run, synchroni
 clock. On CUDA this includes the launch overhead, which is part of what a fused step saves.
 
 Implementations of one case are timed in interleaved rounds (``time_rounds``): each round
-calls every implementation once, after an optional bandwidth probe pass, so ratios between
-implementations, and to the memory bandwidth, compare calls made under the same conditions.
+calls every implementation once, each call after an optional bandwidth probe pass of its own, so
+ratios between implementations, and of each call to the bandwidth just before it, compare calls
+made under the same conditions.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class Rounds:
     """What ``time_rounds`` measured: every sample list has one entry per round, in order."""
 
     samples: dict[str, Samples]  # the functions that ran every round
-    probe_gb_per_s: tuple[float, ...]  # one reading per round; empty when not probed
+    # For each of those, the probe's reading right before each of its calls; empty when not probed.
+    probe_gb_per_s: dict[str, tuple[float, ...]]
     failures: dict[str, Exception]  # raised in warm-up or in a round: left out of the rounds
 
 
@@ -133,7 +135,11 @@ def time_rounds(
 ) -> Rounds:
     """Warm each of ``fns`` up, then time them in rounds, each calling every function once.
 
-    ``probe`` (one bandwidth pass, returning GB/s) runs at the start of each round. A function
+    ``probe`` (one bandwidth pass, returning GB/s) runs before each call. A shared machine's
+    bandwidth moves within tens of milliseconds (readings 8 ms apart correlate at about 0.7,
+    80 ms apart at about 0.4), while a round of slow implementations lasts a second, so each call
+    is paired with a reading of its own moment; the pass also leaves every call the same cold
+    caches. A function
     that raises is left out from then on (one broken implementation must not sink the others);
     the others finish the round, so their samples stay paired round by round. With
     ``warm_turns`` each turn calls its function twice and times the second call: a case that
@@ -148,7 +154,7 @@ def time_rounds(
             failures[name] = exc
     running = [name for name in fns if name not in failures]
     seconds: dict[str, list[float]] = {name: [] for name in running}
-    probe_rates: list[float] = []
+    probe_rates: dict[str, list[float]] = {name: [] for name in running}
     budget_s, limit_s = timing.budget_s * len(running), timing.limit_s * len(running)
     rounds = 0
     started = time.perf_counter()
@@ -158,12 +164,11 @@ def time_rounds(
             break
         if rounds >= 3 and spent >= limit_s:
             break
-        if probe is not None:
-            probe_rates.append(probe())
-        # Start each round at the next function, so none always runs right after the probe
-        # or after the same neighbour (whose traffic leaves the caches in its own state).
+        # Start each round at the next function, so none always runs after the same neighbour.
         shift = rounds % len(running)
         for name in running[shift:] + running[:shift]:
+            if probe is not None:
+                probe_rates[name].append(probe())
             try:
                 if warm_turns:
                     fns[name]()
@@ -177,7 +182,9 @@ def time_rounds(
         running = [name for name in running if name not in failures]
         rounds += 1
     return Rounds(
-        {name: Samples(tuple(seconds[name])) for name in running}, tuple(probe_rates), failures
+        {name: Samples(tuple(seconds[name])) for name in running},
+        {name: tuple(probe_rates[name]) for name in running} if probe is not None else {},
+        failures,
     )
 
 
@@ -231,8 +238,8 @@ class BandwidthProbe:
 
     A shared machine's memory bandwidth changes with its neighbours' load, by half and more
     within minutes. Called, it takes a short reading (the median of a few passes) as the run
-    does before each case; ``time_one_pass`` is the single pass a round of ``time_rounds`` takes,
-    so a result can be compared with the bandwidth of its own moment.
+    does before each case; ``time_one_pass`` is the single pass ``time_rounds`` takes before
+    each call, so a result can be compared with the bandwidth of its own moment.
     """
 
     def __init__(self, device: torch.device, elements: int = 2**26) -> None:
@@ -241,7 +248,7 @@ class BandwidthProbe:
         self.out = torch.empty_like(self.x) if device.type == "cuda" else None
         self.bytes_per_pass = 2 * self.x.element_size() * elements
         self.rates: list[float] = []  # the readings before each case
-        self.round_rates: list[float] = []  # the single passes of the rounds
+        self.round_rates: list[float] = []  # the single passes before each timed call
 
     def _pass(self) -> None:
         if self.out is not None:

@@ -262,8 +262,8 @@ def write_chart(
 METHOD_NOTES = (
     "The implementations of a case are timed in interleaved rounds, each calling every one once. "
     "Fraction of the floor: bytes that must move / bandwidth of an in-place read-modify-write "
-    "pass (CUDA: a device copy) measured in the same round, median over rounds; cases that move "
-    f"less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches: no pass per round "
+    "pass (CUDA: a device copy) taken right before each timed call, median over rounds; cases "
+    f"that move less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches: no pass "
     "(their floor uses the median of the passes before each case, '(run)'), and each turn times "
     "the second of two calls, so they are measured warm. Speed-up: "
     "median over rounds of the per-round ratio (the fastest torch.optim mode's time / this time).",

@@ -62,12 +62,15 @@ def test_gpt2_small_workload_has_the_real_parameter_count() -> None:
 
 class FakeClock:
     """time.perf_counter for the round-robin: it moves only when a fake step runs, by that
-    step's seconds times the load of the current round, so every ratio is exact."""
+    step's seconds times the current load, so every ratio is exact. The load changes at probe
+    passes: with ``turns`` probes per round, once a round, or at every probe (``turns=1``)."""
 
-    def __init__(self, loads: list[float]) -> None:
+    def __init__(self, loads: list[float], turns: int = 1) -> None:
         self.now = 0.0
         self.load = 1.0  # warm-up calls run unloaded
         self.loads = iter(loads)
+        self.turns = turns
+        self.probes = 0
 
     def __call__(self) -> float:
         return self.now
@@ -79,14 +82,17 @@ class FakeClock:
         return run
 
     def probe(self) -> float:
-        """The round starts: the machine's load changes, the bandwidth follows (100 GB/s idle)."""
-        self.load = next(self.loads)
+        """A pass before a call: the machine's load may change, the bandwidth follows (100 GB/s
+        idle)."""
+        if self.probes % self.turns == 0:
+            self.load = next(self.loads)
+        self.probes += 1
         return 100.0 / self.load
 
 
 def test_round_robin_pairs_ratios_within_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
     # The machine is up to 3x slower in some rounds: raw times spread, per-round ratios do not.
-    clock = FakeClock([1.0, 2.0, 1.0, 3.0, 1.5])
+    clock = FakeClock([1.0, 2.0, 1.0, 3.0, 1.5], turns=4)
     monkeypatch.setattr(time, "perf_counter", clock)
     fns = {
         "torch for-loop": clock.step(0.008),
@@ -97,7 +103,10 @@ def test_round_robin_pairs_ratios_within_each_round(monkeypatch: pytest.MonkeyPa
     timing = Timing(warmup=2, min_repeats=5, max_repeats=5, budget_s=0.0)
     rounds = time_rounds(fns, torch.device("cpu"), timing, clock.probe)
     assert rounds.failures == {}
-    assert rounds.probe_gb_per_s == (100.0, 50.0, 100.0, 100.0 / 3, 100.0 / 1.5)
+    # One reading before each call, in round order.
+    assert rounds.probe_gb_per_s == {
+        name: (100.0, 50.0, 100.0, 100.0 / 3, 100.0 / 1.5) for name in fns
+    }
     assert {len(s.values) for s in rounds.samples.values()} == {5}
 
     # 100 MB a step: at 100 GB/s the floor is 1 ms, at a 3x load 3 ms.
@@ -128,10 +137,37 @@ def test_round_robin_pairs_ratios_within_each_round(monkeypatch: pytest.MonkeyPa
     assert by_name["fused_opt torch"].noisy
 
 
+def test_each_call_is_paired_with_the_probe_just_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The load changes between the calls of one round: a floor from one reading per round
+    # would mix loads; each call's own reading keeps every fraction exact.
+    loads = [1.0, 3.0, 1.5, 2.0, 1.0, 2.5, 1.0, 3.0, 2.0, 1.0]
+    clock = FakeClock(loads)
+    monkeypatch.setattr(time, "perf_counter", clock)
+    fns = {"torch fused": clock.step(0.004), "fused_opt cpp": clock.step(0.002)}
+    timing = Timing(warmup=1, min_repeats=5, max_repeats=5, budget_s=0.0)
+    rounds = time_rounds(fns, torch.device("cpu"), timing, clock.probe)
+    # Round k starts at the (k % 2)-th function: torch, cpp | cpp, torch | torch, cpp | ...
+    assert rounds.probe_gb_per_s["torch fused"] == tuple(
+        100.0 / x for x in (1.0, 2.0, 1.0, 3.0, 2.0)
+    )
+    assert rounds.probe_gb_per_s["fused_opt cpp"] == tuple(
+        100.0 / x for x in (3.0, 1.5, 2.5, 1.0, 1.0)
+    )
+    family = {"torch fused": "torch.optim", "fused_opt cpp": "fused_opt"}
+    rows = [Result("w", "fp32", "adamw", n, family[n], "cpu", 1, 1, 1, 10**8) for n in fns]
+    add_paired_ratios(rows, rounds)
+    # 100 MB: 1 ms at 100 GB/s; the cpp step takes 2 ms at every load, torch's 4 ms.
+    fractions = {r.implementation: r.floor_fraction for r in rows}
+    assert fractions == pytest.approx({"torch fused": 0.25, "fused_opt cpp": 0.5})
+    assert all(r.paired for r in rows)
+
+
 def test_round_robin_leaves_out_what_raises_and_times_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = FakeClock([1.0] * 4)
+    clock = FakeClock([1.0] * 16)  # a probe before each call: 4 rounds of at most 4 calls
     monkeypatch.setattr(time, "perf_counter", clock)
     calls = {"late": 0}
 
