@@ -210,6 +210,17 @@ def _e2e_optimizers(device: torch.device) -> dict:
     return factories
 
 
+def wrong_result_notes(results: list[Result]) -> list[str]:
+    """One note per implementation, optimizer and dtype whose results are wrong."""
+    seen = dict.fromkeys(
+        (r.implementation, r.optimizer, r.dtype, r.wrong) for r in results if r.wrong
+    )
+    return [
+        f"{impl}, {optimizer} {dtype}: wrong results ('!'): {why}"
+        for impl, optimizer, dtype, why in seen
+    ]
+
+
 def _load_note() -> str | None:
     """A note when other processes compete for the cores (the 1-minute load average)."""
     if not hasattr(os, "getloadavg"):
@@ -283,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"note: {note}")
     _progress(f"machine: {machine}; torch {torch.__version__}; mode {plan.name}")
     results, bandwidths = _measure_all(plan, impls, device, notes)
+    notes += wrong_result_notes(results)
     e2e = run_e2e(_e2e_optimizers(device), plan.e2e, device) if plan.e2e else []
     worst = max((e.max_abs_loss_diff for e in e2e), default=0.0)
     if worst > E2E_LOSS_TOLERANCE:

@@ -20,11 +20,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .correctness import wrong_results
 from .implementations import Implementation
 from .measure import BandwidthProbe, Rounds, Samples, Timing, time_rounds
 from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element, make_tensors
 
-__all__ = ["PAIRED_FLOOR_BYTES", "Case", "Result", "add_paired_ratios", "run_cases"]
+__all__ = [
+    "PAIRED_FLOOR_BYTES",
+    "Case",
+    "Result",
+    "add_paired_ratios",
+    "fastest_torch_optim",
+    "run_cases",
+]
 
 # A case that moves at least this much per step streams it from memory (the L3 caches of the
 # machines we run on hold 32 MB or less), so each timed call is paired with a bandwidth probe.
@@ -66,6 +74,7 @@ class Result:
     speedup: float | None = None  # over the fastest torch.optim mode of the same case
     noisy: bool = False  # the per-round speed-ups spread too much to trust their median
     skipped: str | None = None
+    wrong: str | None = None  # why its results differ from torch.optim's (correctness.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +110,7 @@ def run_cases(
     started = time.perf_counter()
     results: list[Result] = []
     broken: dict[str, str] = {}
+    checked: dict[tuple[str, str], dict[str, str]] = {}  # (optimizer, dtype) -> wrong results
     for case in cases:
         workload, dtype = WORKLOADS[case.workload], DTYPES[case.dtype]
         params, grads = make_tensors(workload, dtype, device)
@@ -110,6 +120,9 @@ def run_cases(
         for opt_name in case.optimizers:
             probe()
             spec = OPTIMIZERS[opt_name]
+            if (opt_name, case.dtype) not in checked:
+                checked[opt_name, case.dtype] = wrong_results(impls, spec, dtype, device)
+            wrong = checked[opt_name, case.dtype]
             nbytes = bytes_per_element(spec, dtype) * workload.elements
             rows = [
                 Result(
@@ -128,6 +141,7 @@ def run_cases(
             ]
             steps = {}
             for impl, result in zip(impls, rows, strict=True):
+                result.wrong = wrong.get(impl.name)
                 result.skipped = broken.get(impl.name) or impl.unsupported(spec, dtype, device)
                 if result.skipped is None:
                     try:
@@ -179,9 +193,9 @@ def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
     """Times, floors and speed-ups of one case's ``rows`` from the rounds they ran in together.
 
     Speed-up: median over rounds of (the reference's time / this time), the reference being the
-    torch.optim mode with the lowest median time. Fraction of the floor (when the calls were
-    probed): median over rounds of (bytes / the bandwidth read right before the call) / its time;
-    the floor in ms uses the median of all the case's readings.
+    torch.optim mode with the lowest median time among those whose results are right. Fraction
+    of the floor (when the calls were probed): median over rounds of (bytes / the bandwidth read
+    right before the call) / its time; the floor in ms uses the median of all the case's readings.
     """
     timed = [r for r in rows if r.implementation in rounds.samples]
     for r in timed:
@@ -205,14 +219,21 @@ def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
                 ],
                 rounds.samples[r.implementation].values,
             ).median
-    torch_rows = [r for r in timed if r.family == "torch.optim"]
-    if not torch_rows:
+    reference_row = fastest_torch_optim(timed)
+    if reference_row is None:
         return
-    reference = rounds.samples[min(torch_rows, key=lambda r: r.median_ms).implementation]
+    reference = rounds.samples[reference_row.implementation]
     for r in timed:
         speedups = _per_round_ratios(reference.values, rounds.samples[r.implementation].values)
         r.speedup = speedups.median
         r.noisy = speedups.noisy
+
+
+def fastest_torch_optim(rows: Sequence[Result]) -> Result | None:
+    """The timed torch.optim row with the lowest median among those whose results are right."""
+    right = [r for r in rows if r.family == "torch.optim" and r.median_ms is not None]
+    right = [r for r in right if r.wrong is None]
+    return min(right, key=lambda r: r.median_ms) if right else None
 
 
 def _per_round_ratios(numerators: Sequence[float], seconds: Sequence[float]) -> Samples:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .compare import PAIRED_FLOOR_BYTES, Result
+from .compare import PAIRED_FLOOR_BYTES, Result, fastest_torch_optim
+from .correctness import REFERENCE
 from .e2e import E2EResult
 from .measure import NOISY_SPREAD
 
@@ -57,8 +58,12 @@ COLUMNS = (
 )
 
 
+def _name(r: Result) -> str:
+    return r.implementation + (" !" if r.wrong else "")
+
+
 def _row(r: Result, threads_col: bool) -> list[str]:
-    head = [r.workload, r.dtype, r.optimizer, r.implementation]
+    head = [r.workload, r.dtype, r.optimizer, _name(r)]
     if threads_col:
         head.append(str(r.threads))
     if r.median_ms is None:
@@ -92,7 +97,8 @@ def _layout(columns: list[str], rows: list[list[str]], markdown: bool, breaks: s
 
 
 def table(results: Sequence[Result], markdown: bool = False) -> str:
-    """The comparison table; '~' marks a speed-up whose spread is too large to trust."""
+    """The comparison table; '~' marks a speed-up whose spread is too large to trust, '!' an
+    implementation whose results are wrong."""
     threads_col = len({r.threads for r in results}) > 1
     columns = list(COLUMNS)
     if threads_col:
@@ -115,10 +121,9 @@ def summary_table(results: Sequence[Result], markdown: bool = False) -> str:
     columns += ["floor ms", "best torch.optim", *others]
     rows = []
     for (workload, dtype, optimizer, threads), rs in cases.items():
-        torch_rows = [r for r in rs if r.family == "torch.optim"]
-        if not torch_rows:
+        best = fastest_torch_optim(rs)
+        if best is None:
             continue
-        best = min(torch_rows, key=lambda r: r.median_ms)
         row = [workload, dtype, optimizer] + [str(threads)] * threads_col
         row += [f"{best.floor_ms:.3f}", f"{best.median_ms:.3f} ({best.implementation[6:]})"]
         for name in others:
@@ -127,7 +132,7 @@ def summary_table(results: Sequence[Result], markdown: bool = False) -> str:
                 "-"
                 if r is None
                 else f"{r.median_ms:.3f} ({100 * r.floor_fraction:.0f}%) "
-                f"{r.speedup:.2f}x{' ~' if r.noisy else ''}"
+                f"{r.speedup:.2f}x{' ~' if r.noisy else ''}{' !' if r.wrong else ''}"
             )
         rows.append(row)
     return _layout(columns, rows, markdown, set())
@@ -269,4 +274,7 @@ METHOD_NOTES = (
     "median over rounds of the per-round ratio (the fastest torch.optim mode's time / this time).",
     f"'~': the per-round speed-ups spread by more than {100 * NOISY_SPREAD:.0f}% of their median "
     "(IQR); the speed-up is not to be trusted.",
+    f"'!': wrong results: stepped from the same start with the same grads, its params moved "
+    f"unlike {REFERENCE}'s (see the notes); its time is shown, but it is never the reference of "
+    "a speed-up ('best torch.optim' is the fastest mode whose results are right).",
 )

@@ -2,7 +2,8 @@
 
 The cases are the default plan of `python -m bench`; groups are (workload, dtype, optimizer), so
 `--benchmark-group-by=group` compares implementations side by side. extra_info carries the
-elements, tensors, bytes a step must move and the achieved GB/s. Examples:
+elements, tensors, bytes a step must move and the achieved GB/s, and ``wrong_results`` for an
+implementation whose results differ from torch.optim's for-loop (correctness.py). Examples:
 
     pytest bench --benchmark-only
     pytest bench --benchmark-only -k "many-small and adamw" --benchmark-save=before
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .cli import make_plan
+from .correctness import wrong_results
 from .implementations import Implementation, discover
 from .measure import synchronizer
 from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element, make_tensors
@@ -45,6 +47,11 @@ def _tensors(workload: str, dtype: str, device: torch.device) -> list[Tensor]:
         p.requires_grad_(True)
         p.grad = g
     return params
+
+
+@functools.cache
+def _wrong(optimizer: str, dtype: str, device: torch.device) -> dict[str, str]:
+    return wrong_results(IMPLEMENTATIONS, OPTIMIZERS[optimizer], DTYPES[dtype], device)
 
 
 @pytest.mark.parametrize(("workload", "dtype", "optimizer", "impl"), _cases())
@@ -78,6 +85,9 @@ def test_step(
         device=bench_device.type,
         threads=torch.get_num_threads(),
     )
+    if why := _wrong(optimizer, dtype, bench_device).get(impl.name):
+        benchmark.extra_info["wrong_results"] = why  # as `python -m bench` marks it with '!'
+
     # Warm-up rounds allocate the state and settle the caches before anything is timed.
     benchmark.pedantic(
         step, rounds=ROUNDS.get(workload, DEFAULT_ROUNDS), warmup_rounds=3, iterations=1

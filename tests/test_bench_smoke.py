@@ -21,10 +21,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench` is a folder of the repository, not an installed package
 
+from bench.cli import wrong_result_notes  # noqa: E402
 from bench.compare import Case, Result, add_paired_ratios, run_cases  # noqa: E402
+from bench.correctness import wrong_results  # noqa: E402
 from bench.implementations import Implementation, discover  # noqa: E402
 from bench.measure import BandwidthProbe, Timing, time_calls, time_rounds  # noqa: E402
-from bench.workloads import OPTIMIZERS, WORKLOADS, OptimizerSpec, bytes_per_element  # noqa: E402
+from bench.report import summary_table  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    DTYPES,
+    OPTIMIZERS,
+    WORKLOADS,
+    OptimizerSpec,
+    bytes_per_element,
+)
 
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -239,6 +248,50 @@ def test_run_cases_reports_an_implementation_failing_in_warm_up_and_times_the_ot
         assert r.skipped is None and r.repeats == 3
         assert r.speedup > 0 and r.floor_fraction > 0
         assert not r.paired  # 100 tensors of 16: far below the size probed per round
+
+
+class _Idle(torch.optim.Optimizer):
+    """A "step" that changes nothing: the fastest step there is, and wrong."""
+
+    def step(self, closure=None) -> None:  # noqa: ANN001
+        return None
+
+
+def test_a_step_that_skips_its_work_is_marked_wrong_and_never_the_reference() -> None:
+    impls = [i for i in discover(peers=False)[0] if i.name in ("torch for-loop", "torch foreach")]
+    impls.append(Implementation("torch idle", "torch.optim", lambda spec, ps: _Idle(ps, {})))
+    rows = run_cases(
+        [Case("tiny-100", "fp32", ("sgd-momentum",))],
+        impls,
+        torch.device("cpu"),
+        {"tiny-100": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
+        threads=1,
+        probe=BandwidthProbe(torch.device("cpu"), 2**16),
+    )
+    by_name = {r.implementation: r for r in rows}
+    assert by_name["torch idle"].wrong and "relative difference 1.00" in by_name["torch idle"].wrong
+    assert by_name["torch for-loop"].wrong is None and by_name["torch foreach"].wrong is None
+    # Timed and shown, but the speed-ups are over the fastest mode whose results are right.
+    assert by_name["torch idle"].median_ms is not None
+    reference = min(
+        (by_name["torch for-loop"], by_name["torch foreach"]), key=lambda r: r.median_ms
+    )
+    assert reference.speedup == pytest.approx(1.0)
+    summary = summary_table(rows)
+    assert f"({reference.implementation[6:]})" in summary and "(idle)" not in summary
+    (note,) = wrong_result_notes(rows)
+    assert note.startswith("torch idle, sgd-momentum fp32: wrong results")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_fused_opt_backend_passes_the_benchmarks_results_check(
+    optimizer: str, dtype: str
+) -> None:
+    impls = discover(peers=False)[0]
+    assert any(i.family == "fused_opt" for i in impls)
+    wrong = wrong_results(impls, OPTIMIZERS[optimizer], DTYPES[dtype], torch.device("cpu"))
+    assert {name: why for name, why in wrong.items() if name.startswith("fused_opt")} == {}
 
 
 def test_time_calls_warms_up_then_samples_within_the_limits() -> None:
