@@ -66,14 +66,15 @@ def _store(targets: list[Tensor], values: list[Tensor]) -> None:
 def _effective_grads(
     grads: list[Tensor], grad_scale: Tensor | None, maximize: bool
 ) -> list[Tensor]:
-    """Unscaled, sign-corrected gradients in compute precision; never aliases a grad tensor."""
-    work = [g.float() if g.dtype in _LOW_PRECISION else g for g in grads]
+    """Unscaled, sign-corrected gradients in compute precision, to be read only: the grads
+    themselves when nothing changes them (fp32, no scale, no maximize), so the kernels below
+    update ``g`` out of place. A copy of every grad at every step would move 8 more bytes per
+    element and allocate a grad-sized buffer."""
+    work = _compute_copies(grads)
     if grad_scale is not None:
         work = torch._foreach_div(work, grad_scale)
-    else:
-        work = [w.clone() if w is g else w for w, g in zip(work, grads, strict=True)]
     if maximize:
-        torch._foreach_neg_(work)
+        work = torch._foreach_neg(work)
     return work
 
 
@@ -101,7 +102,7 @@ def sgd_(
     p = _compute_copies(params)
     g = _effective_grads(grads, grad_scale, maximize)
     if weight_decay != 0:
-        torch._foreach_add_(g, p, alpha=weight_decay)
+        g = torch._foreach_add(g, p, alpha=weight_decay)
     if momentum != 0:
         buf = _compute_copies(momentum_buffers)
         if is_first_step:
@@ -111,7 +112,7 @@ def sgd_(
             torch._foreach_add_(buf, g, alpha=1 - dampening)
         _store(momentum_buffers, buf)
         if nesterov:
-            torch._foreach_add_(g, buf, alpha=momentum)
+            g = torch._foreach_add(g, buf, alpha=momentum)
         else:
             g = buf
     torch._foreach_add_(p, g, alpha=-lr)
@@ -161,7 +162,7 @@ def adam_(
         if decoupled_weight_decay:
             torch._foreach_mul_(p, 1 - lr * weight_decay)
         else:
-            torch._foreach_add_(g, p, alpha=weight_decay)
+            g = torch._foreach_add(g, p, alpha=weight_decay)
     m = _compute_copies(exp_avgs)
     v = _compute_copies(exp_avg_sqs)
     torch._foreach_lerp_(m, g, 1 - beta1)

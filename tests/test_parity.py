@@ -101,6 +101,22 @@ def test_matches_torch_for_loop(name, kwargs, dtype, backend, device):
     assert_same_state(ours, ours_params, ref, ref_params, **TIGHT[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("name", "kwargs"), CONFIG_PARAMS)
+def test_a_step_leaves_the_grads_as_they_were(name, kwargs, dtype, backend, device):
+    # torch.optim reads p.grad; a kernel that adds the weight decay or the Nesterov term to the
+    # grad in place would change what the user's code sees after the step (grad norms, logging).
+    params = make_params(dtype=dtype, device=device)
+    opt = FUSED_CLASSES[name](params, backend=backend, **kwargs)
+    grads = grad_stream(params)
+    for _ in range(3):  # the first step (momentum and state created) and two after it
+        step_grads = next(grads)
+        set_grads(params, step_grads)
+        opt.step()
+        for p, g in zip(params, step_grads, strict=True):
+            assert torch.equal(p.grad, g)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize(("name", "kwargs"), CONFIG_PARAMS)
 def test_low_precision_is_fp32_math_rounded_once(name, kwargs, dtype, backend, device):
