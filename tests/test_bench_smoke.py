@@ -226,6 +226,18 @@ def test_warm_turns_time_a_second_call_after_the_neighbours_ran(
             assert max(rounds.samples[name].values) == pytest.approx(0.010)
 
 
+def _run_tiny_case(impls: list[Implementation], optimizer: str) -> list[Result]:
+    """run_cases on 100 tensors of 16 in fp32 with 3 rounds: seconds, on one thread."""
+    return run_cases(
+        [Case("tiny-100", "fp32", (optimizer,))],
+        impls,
+        torch.device("cpu"),
+        {"tiny-100": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
+        threads=1,
+        probe=BandwidthProbe(torch.device("cpu"), 2**16),
+    )
+
+
 def test_run_cases_reports_an_implementation_failing_in_warm_up_and_times_the_others() -> None:
     class Failing(torch.optim.Optimizer):
         def step(self, closure=None) -> None:  # noqa: ANN001
@@ -233,14 +245,7 @@ def test_run_cases_reports_an_implementation_failing_in_warm_up_and_times_the_ot
 
     impls = [i for i in discover(peers=False)[0] if i.family == "torch.optim"]
     impls.append(Implementation("failing", "peer", lambda spec, params: Failing(params, {})))
-    rows = run_cases(
-        [Case("tiny-100", "fp32", ("adamw",))],
-        impls,
-        torch.device("cpu"),
-        {"tiny-100": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
-        threads=1,
-        probe=BandwidthProbe(torch.device("cpu"), 2**16),
-    )
+    rows = _run_tiny_case(impls, "adamw")
     by_name = {r.implementation: r for r in rows}
     assert by_name["failing"].skipped == "failed: RuntimeError: kernel crashed"
     assert by_name["failing"].median_ms is None
@@ -260,14 +265,7 @@ class _Idle(torch.optim.Optimizer):
 def test_a_step_that_skips_its_work_is_marked_wrong_and_never_the_reference() -> None:
     impls = [i for i in discover(peers=False)[0] if i.name in ("torch for-loop", "torch foreach")]
     impls.append(Implementation("torch idle", "torch.optim", lambda spec, ps: _Idle(ps, {})))
-    rows = run_cases(
-        [Case("tiny-100", "fp32", ("sgd-momentum",))],
-        impls,
-        torch.device("cpu"),
-        {"tiny-100": Timing(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)},
-        threads=1,
-        probe=BandwidthProbe(torch.device("cpu"), 2**16),
-    )
+    rows = _run_tiny_case(impls, "sgd-momentum")
     by_name = {r.implementation: r for r in rows}
     assert by_name["torch idle"].wrong and "relative difference 1.00" in by_name["torch idle"].wrong
     assert by_name["torch for-loop"].wrong is None and by_name["torch foreach"].wrong is None
