@@ -38,9 +38,12 @@ struct SgdConsts {
   bool is_first_step;
 };
 
-// One tensor's memory: `numel` contiguous elements each (dense, identical strides).
+// One tensor's memory: `numel` contiguous elements each (dense, identical strides). A kernel
+// updates elements [begin, end) of `t`; `next` is the tensor the same thread runs after it (null
+// if none), whose first lines a kernel on a small tensor loads meanwhile (optim_kernels.h).
 struct SgdTensor;
-using SgdFn = void (*)(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts& k);
+using SgdFn = void (*)(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts& k,
+                       const SgdTensor* next);
 
 struct SgdTensor {
   void* param;
@@ -65,7 +68,8 @@ struct AdamConsts {
 };
 
 struct AdamTensor;
-using AdamFn = void (*)(const AdamTensor& t, int64_t begin, int64_t end, const AdamConsts& k);
+using AdamFn = void (*)(const AdamTensor& t, int64_t begin, int64_t end, const AdamConsts& k,
+                        const AdamTensor* next);
 
 struct AdamTensor {
   void* param;

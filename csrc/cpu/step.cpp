@@ -229,7 +229,8 @@ int64_t assign_starts(std::vector<Work>& work) {
   return total;
 }
 
-// Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part.
+// Runs elements [begin, end) of the flat space: each overlapped tensor's kernel on its part,
+// told which tensor of the range comes next.
 template <typename Work, typename Consts>
 void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const Consts& consts) {
   auto it = std::upper_bound(work.begin(), work.end(), begin,
@@ -237,7 +238,8 @@ void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const 
   for (; it != work.end() && it->start < end; ++it) {
     const int64_t lo = std::max(begin, it->start) - it->start;
     const int64_t hi = std::min(end, it->start + it->numel) - it->start;
-    it->kernel(*it, lo, hi, consts);
+    const auto next = it + 1;
+    it->kernel(*it, lo, hi, consts, next != work.end() && next->start < end ? &*next : nullptr);
   }
 }
 
