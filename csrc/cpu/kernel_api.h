@@ -40,7 +40,7 @@ struct SgdConsts {
 
 // One tensor's memory: `numel` contiguous elements each (dense, identical strides). A kernel
 // updates elements [begin, end) of `t`; `next` is the tensor the same thread runs after it (null
-// if none), whose first lines a kernel on a small tensor loads meanwhile (optim_kernels.h).
+// if none), whose first lines a kernel on a short tensor loads meanwhile (optim_kernels.h).
 struct SgdTensor;
 using SgdFn = void (*)(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts& k,
                        const SgdTensor* next);
