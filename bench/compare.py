@@ -231,8 +231,9 @@ def add_paired_ratios(rows: list[Result], rounds: Rounds) -> None:
 
 def fastest_torch_optim(rows: Sequence[Result]) -> Result | None:
     """The timed torch.optim row with the lowest median among those whose results are right."""
-    right = [r for r in rows if r.family == "torch.optim" and r.median_ms is not None]
-    right = [r for r in right if r.wrong is None]
+    right = [
+        r for r in rows if r.family == "torch.optim" and r.median_ms is not None and r.wrong is None
+    ]
     return min(right, key=lambda r: r.median_ms) if right else None
 
 

@@ -36,7 +36,8 @@ TOLERANCE = 0.1
 
 def _trajectory(
     impl: Implementation, spec: OptimizerSpec, start: list[Tensor], grads: list[list[Tensor]]
-) -> list[Tensor]:
+) -> Tensor:
+    """All params after the steps, flattened into one float64 vector."""
     params = [p.clone().requires_grad_(True) for p in start]
     optimizer = impl.build(
         dataclasses.replace(spec, kwargs={**spec.kwargs, "lr": CHECK_LR}), params
@@ -45,7 +46,7 @@ def _trajectory(
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
-    return [p.detach().double() for p in params]
+    return torch.cat([p.detach().double().flatten() for p in params])
 
 
 def wrong_results(
@@ -65,13 +66,13 @@ def wrong_results(
     start = [randn(s) for s in CHECK_SHAPES]
     grads = [[randn(s) for s in CHECK_SHAPES] for _ in range(CHECK_STEPS)]
     origin = torch.cat([p.double().flatten() for p in start])
-    expected = torch.cat([p.flatten() for p in _trajectory(reference, spec, start, grads)]) - origin
+    expected = _trajectory(reference, spec, start, grads) - origin
     wrong = {}
     for impl in impls:
         if impl is reference or impl.unsupported(spec, dtype, device) is not None:
             continue
         try:
-            moved = torch.cat([p.flatten() for p in _trajectory(impl, spec, start, grads)]) - origin
+            moved = _trajectory(impl, spec, start, grads) - origin
         except Exception:  # noqa: BLE001 - the timed run reports it with the case
             continue
         difference = ((moved - expected).norm() / expected.norm()).item()

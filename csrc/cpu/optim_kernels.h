@@ -27,18 +27,17 @@ struct Ahead {
   int64_t n = 0;    // elements of each to load
 };
 
-// The Ahead of `next` (null: none) for a kernel on elements [begin, end) of `t`: next's first
+// The Ahead of `next` for a kernel on elements [begin, end) of `t`: next's first
 // end - begin elements, when t is short and next is of the same kind (same kernel: same dtype).
 template <typename S, int N, typename Tensor>
-inline Ahead<S, N> ahead_of(const Tensor& t, int64_t begin, int64_t end, const Tensor* next,
+inline Ahead<S, N> ahead_of(const Tensor& t, int64_t begin, int64_t end, const Tensor& next,
                             const void* const (&next_ptrs)[N], int streams) {
   Ahead<S, N> ahead;
-  if (next == nullptr || next->kernel != t.kernel ||
-      t.numel * static_cast<int64_t>(sizeof(S)) > kMaxAheadBytes)
+  if (next.kernel != t.kernel || t.numel * static_cast<int64_t>(sizeof(S)) > kMaxAheadBytes)
     return ahead;
   for (int s = 0; s < N; ++s) ahead.ptrs[s] = static_cast<const S*>(next_ptrs[s]);
   ahead.streams = streams;
-  ahead.n = next->numel < end - begin ? next->numel : end - begin;
+  ahead.n = next.numel < end - begin ? next.numel : end - begin;
   return ahead;
 }
 
@@ -96,7 +95,7 @@ void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts&
                       kMomentum ? static_cast<S*>(t.momentum_buffer) + begin : param};
   const bool written[3] = {true, false, kMomentum};
   const auto ahead = next == nullptr ? Ahead<S, 3>{}
-                                     : ahead_of<S>(t, begin, end, next,
+                                     : ahead_of<S>(t, begin, end, *next,
                                                    {next->param, next->grad, next->momentum_buffer},
                                                    kMomentum ? 3 : 2);
   for_each_vector(end - begin, ptrs, written, ahead, [&](S* const* at) {
@@ -146,7 +145,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
                       kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + begin : param};
   const bool written[5] = {true, false, true, true, kAmsgrad};
   const auto ahead = next == nullptr ? Ahead<S, 5>{}
-                                     : ahead_of<S>(t, begin, end, next,
+                                     : ahead_of<S>(t, begin, end, *next,
                                                    {next->param, next->grad, next->exp_avg,
                                                     next->exp_avg_sq, next->max_exp_avg_sq},
                                                    kAmsgrad ? 5 : 4);

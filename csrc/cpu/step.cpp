@@ -156,6 +156,14 @@ void prefetch_version_counter(const at::Tensor& t) {
   }
 }
 
+// Bumps the version counters of entry i of the first `count` of `lists` (the lists whose tensors
+// the step writes), after prefetching those of entry i + kBumpAhead when it is below `end`.
+void bump_versions(const TensorRefs* const* lists, size_t count, size_t i, size_t end) {
+  if (i + kBumpAhead < end)
+    for (size_t l = 0; l < count; ++l) prefetch_version_counter((*lists[l])[i + kBumpAhead]);
+  for (size_t l = 0; l < count; ++l) bump_version((*lists[l])[i]);
+}
+
 // Calls range(begin, end) on parts of [0, n) that cover it: calls with many tensors on all
 // threads, one contiguous part each. After a backward pass the metadata of thousands of small
 // tensors is out of the caches, so checking and preparing them mostly waits on memory; threads
@@ -332,15 +340,9 @@ SgdPlan plan_sgd(const SgdCall& call) {
   const int64_t total = assign_starts(work);
   // Everything is checked; from here on the call either changes nothing or does the full step.
   if (skip_step(kOp, call.found_inf)) return skipped(plan);
+  const TensorRefs* const written[] = {&call.params, &call.momentum_buffers};
   for_tensor_ranges(n, [&](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) {
-      if (i + kBumpAhead < end) {
-        prefetch_version_counter(call.params[i + kBumpAhead]);
-        if (use_momentum) prefetch_version_counter(call.momentum_buffers[i + kBumpAhead]);
-      }
-      bump_version(call.params[i]);
-      if (use_momentum) bump_version(call.momentum_buffers[i]);
-    }
+    for (size_t i = begin; i < end; ++i) bump_versions(written, use_momentum ? 2 : 1, i, end);
   });
   const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
   SgdConsts& k = plan.consts;
@@ -436,9 +438,6 @@ AdamPlan plan_adam(const AdamCall& call) {
                                          &call.exp_avg_sqs, &call.max_exp_avg_sqs};
     const size_t written_lists = call.amsgrad ? 5 : 4;
     for (size_t i = begin; i < end; ++i) {
-      if (i + kBumpAhead < end)
-        for (size_t l = 0; l < written_lists; ++l)
-          prefetch_version_counter((*written[l])[i + kBumpAhead]);
       // `step += 1` in the step tensor's own dtype (float32, or float64 like torch.optim when
       // that is the default dtype), then used as a Python float.
       const at::Tensor& s = call.steps[i];
@@ -461,7 +460,7 @@ AdamPlan plan_adam(const AdamCall& call) {
       }
       work[i].neg_step_size = neg_step_size;
       work[i].bias_correction2_sqrt = bias_correction2_sqrt;
-      for (size_t l = 0; l < written_lists; ++l) bump_version((*written[l])[i]);
+      bump_versions(written, written_lists, i, end);
     }
   });
   const double scale = scaled ? scalar_value(kOp, "grad_scale", *call.grad_scale) : 1.0;
