@@ -13,12 +13,15 @@
 // The streams of the tensor a thread runs next, when this one is short (kMaxAheadBytes or less
 // per stream): while element i of this tensor is worked on, the cache line holding element i of
 // each of those streams is loaded into L2. Streams that short end before the hardware
-// prefetchers get going, so each new tensor would otherwise start by waiting on memory (2000
-// bf16 tensors of 4096 elements, 8 KB a stream: 0.2-0.8 ms a step more than one tensor of the
-// same size in the kernels, 0-0.1 ms with these loads). At 16 KB a stream (fp32) the
-// prefetchers keep up: the loads did not help there (2000 x 4096 fp32 read a few percent lower
-// with them in two A/B pairs).
-constexpr int64_t kMaxAheadBytes = 8192;
+// prefetchers get going, so each new tensor would otherwise start by waiting on memory; the
+// more so when the next tensor does not follow this one in memory, as grads made by a backward
+// pass do not (they lie among its temporaries). Kernel time over 2000 tensors of 4096 elements,
+// paired in one process: bf16 (8 KB a stream) 0.2-0.8 ms a step more than one tensor of the
+// same size without the loads, 0-0.1 ms with them; fp32 (16 KB a stream) 0.1-0.85 ms less with
+// the loads for grads made by a backward, up to 0.5 ms less (in the noise in some pairs) for
+// grads made one after another. At 32 KB a stream they no longer help, and loading only the next
+// tensor's first part near the end of a longer one costs more than it saves.
+constexpr int64_t kMaxAheadBytes = 16384;
 
 template <typename S, int N>
 struct Ahead {
