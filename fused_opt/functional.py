@@ -56,9 +56,7 @@ class _DirectInEager:
         self.direct = direct
         self.op = op
         # The direct entry point takes the op's keyword-only arguments positionally, all given.
-        self.positional = operator.itemgetter(
-            *[arg.name for arg in op._schema.arguments if arg.kwarg_only]
-        )
+        self.positional = operator.itemgetter(*hyper_names(op))
 
     def __call__(self, *tensor_lists: list[Tensor] | None, **hyper: Any) -> bool | None:
         if _observed():
@@ -66,6 +64,12 @@ class _DirectInEager:
                 return False
             return self.op(*tensor_lists, **hyper)
         return self.direct(*tensor_lists, *self.positional(hyper))
+
+
+def hyper_names(op: Any) -> tuple[str, ...]:
+    """The keyword-only arguments of ``op`` (an overload of fused_opt's ops), in the schema's
+    order: the order in which the direct entry points take them."""
+    return tuple(arg.name for arg in op._schema.arguments if arg.kwarg_only)
 
 
 def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:

@@ -392,6 +392,51 @@ def test_a_dispatch_mode_sees_the_fused_op(name, backend, device):
     assert_same_state(ours, ours_params, ref, ref_params, **FP32)
 
 
+@pytest.mark.parametrize("start", ["pre-hook", "closure"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_mode_started_inside_the_step_sees_the_fused_op(name, start, backend, device):
+    """A step asks once, as it begins, whether anything watches its calls; a pre-hook or the
+    closure may start something that does, and the op must then go through the dispatcher."""
+    if backend == "torch":
+        pytest.skip("the torch backend runs its PyTorch kernels without a fused op")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += func.namespace == "fused_opt"
+            return func(*args, **(kwargs or {}))
+
+    ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device)
+    grads = grad_stream(ours_params)
+    for _ in range(2):  # the plan is steady after these
+        g = next(grads)
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            set_grads(params, g)
+            opt.step()
+    mode = Counter()
+
+    def closure():
+        mode.__enter__()
+        return torch.tensor(0.0)
+
+    g = next(grads)
+    set_grads(ours_params, g)
+    set_grads(ref_params, g)
+    handle = ours.register_step_pre_hook(lambda *_: mode.__enter__() and None)
+    if start == "closure":
+        handle.remove()
+    try:
+        ours.step(closure if start == "closure" else None)
+    finally:
+        mode.__exit__(None, None, None)
+        handle.remove()
+    ref.step()
+    assert Counter.calls == 1
+    assert_same_state(ours, ours_params, ref, ref_params, **FP32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_steady_steps_let_the_kernel_read_the_grads(name, backend, device, monkeypatch):
     """Once its plan is steady, a cpp step reads the grads in C++ (no Python object per new

@@ -105,8 +105,8 @@ _set_grad_enabled = torch._C._set_grad_enabled
 class Bucket:
     """The params of one group on one device with one dtype, and their state, ready for a kernel."""
 
-    __slots__ = ("device", "kernels", "index", "owners", "params", "state", "viewed", "first_step",
-                 "reads_grads")  # fmt: skip
+    __slots__ = ("device", "kernels", "directs", "index", "owners", "params", "state", "viewed",
+                 "first_step", "reads_grads")  # fmt: skip
 
     def __init__(
         self,
@@ -121,6 +121,8 @@ class Bucket:
         self.device = device
         # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
         self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
+        # Their direct entry points (eager cpp kernels), else None: see FusedOptimizer._run.
+        self.directs = tuple(getattr(k, "direct", None) for k in self.kernels)
         self.index = index  # positions in group["params"]
         self.owners = owners  # the params themselves (state keys)
         self.viewed = any(_needs_view(p) for p in owners)
@@ -134,9 +136,6 @@ class Bucket:
             and all(getattr(k, "reads_grads", False) for k in self.kernels)
             and all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in owners)
         )
-
-    def kernel(self, lr: float | Tensor) -> Callable[..., bool | None]:
-        return self.kernels[isinstance(lr, Tensor)]
 
     def grads(self, all_grads: list[Tensor], whole_group: bool) -> list[Tensor]:
         grads = all_grads if whole_group else [all_grads[i] for i in self.index]
@@ -175,8 +174,13 @@ class FusedOptimizer:
     """Mixin placed before a torch.optim class: ``class Adam(FusedOptimizer, torch.optim.Adam)``."""
 
     _op: str  # the fused op this optimizer calls: "sgd_" or "adam_"
+    _hyper_names: tuple[str, ...]  # its keyword-only arguments, in the schema's order
     _plans: dict[int, Plan]
     _backend_request: str
+    # True while a step runs that found, as it began, that nothing watches its calls (see
+    # profile_hook_step): its kernels are then called straight through their direct entry
+    # points, without asking again.
+    _unobserved = False
 
     def _init_backend(self, backend: str | None) -> None:
         """Called before torch.optim's __init__, which adds the param groups."""
@@ -199,9 +203,25 @@ class FusedOptimizer:
 
     def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
-        """Runs the bucket's kernel; grads=None (when bucket.reads_grads): the kernel reads them
-        from the params and returns whether it could."""
+        """Runs the bucket's kernel (through _run); grads=None (when bucket.reads_grads): the
+        kernel reads them from the params and returns whether it could."""
         raise NotImplementedError
+
+    def _run(self, bucket: Bucket, lr: float | Tensor, tensor_lists: tuple, hyper: tuple) -> Any:
+        """Calls the bucket's kernel on ``tensor_lists`` with ``hyper``, the op's keyword-only
+        arguments in the schema's order (_hyper_names).
+
+        In a step that nothing watches, a cpp kernel is called through its direct entry point
+        with ``hyper`` as it is, without asking again and without keywords: 13-21 us less a
+        step with the caches cold, as after a backward pass (of 65-135 for one small param),
+        1 us less warm (of 4.5).
+        """
+        tensor_lr = isinstance(lr, Tensor)
+        direct = bucket.directs[tensor_lr]
+        if direct is not None and self._unobserved:
+            return direct(*tensor_lists, *hyper)
+        keywords = dict(zip(self._hyper_names, hyper, strict=True))
+        return bucket.kernels[tensor_lr](*tensor_lists, **keywords)
 
     # Sparse grads: groups that have them run torch.optim's own step (SGD), or are refused.
     _supports_sparse = False
@@ -236,6 +256,8 @@ class FusedOptimizer:
             if "cpp" not in _ops.COMPILED or _observed():
                 return with_range(*args, **kwargs)
             self = args[0]
+            # A pre-hook might start something that watches: the kernels then ask themselves.
+            hooked = bool(_global_optimizer_pre_hooks or self._optimizer_step_pre_hooks)
             pre_hooks = itertools.chain(
                 _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
             )
@@ -249,7 +271,11 @@ class FusedOptimizer:
                         f"but got {result}."
                     )
                 args, kwargs = result
-            out = func(*args, **kwargs)
+            self._unobserved = not hooked
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                self._unobserved = False
             self._optimizer_step_code()  # where torch's profiler finds the step boundary
             post_hooks = itertools.chain(
                 self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
@@ -326,6 +352,7 @@ class FusedOptimizer:
                 return super().step(closure)  # type: ignore[misc]
         loss = None
         if closure is not None:
+            self._unobserved = False  # the closure might start something that watches
             with torch.enable_grad():
                 loss = closure()
         # Set by torch.amp.GradScaler for optimizers with _step_supports_amp_scaling.

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..functional import hyper_names
 from ._base import Bucket, FusedOptimizer, state_like, zero_scalars
 
 __all__ = ["Adam", "AdamW"]
@@ -26,6 +27,7 @@ class _AdamFamily(FusedOptimizer):
     """State handling and the kernel call shared by Adam and AdamW."""
 
     _op = "adam_"
+    _hyper_names = hyper_names(torch.ops.fused_opt.adam_.default)
     _always_decoupled = False
 
     def _plan_flags(self, group: dict[str, Any]) -> tuple:
@@ -62,13 +64,13 @@ class _AdamFamily(FusedOptimizer):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
-        return bucket.kernel(group["lr"])(
+        lr = group["lr"]
+        return self._run(bucket, lr, (
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
-            weight_decay=float(group["weight_decay"]), eps=group["eps"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=decoupled, grad_scale=grad_scale, found_inf=found_inf,
-        )  # fmt: skip
+        ), (
+            lr, float(beta1), float(beta2), float(group["weight_decay"]), group["eps"],
+            group["amsgrad"], group["maximize"], decoupled, grad_scale, found_inf,
+        ))  # fmt: skip
 
 
 class Adam(_AdamFamily, torch.optim.Adam):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
+from ..functional import hyper_names
 from ._base import Bucket, FusedOptimizer, kernel_view, state_like
 
 __all__ = ["SGD"]
@@ -24,6 +25,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _op = "sgd_"
+    _hyper_names = hyper_names(torch.ops.fused_opt.sgd_.default)
 
     def __init__(
         self,
@@ -101,13 +103,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return None
             new_buffers = state_like(bucket.owners)
             buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
-        done = bucket.kernel(group["lr"])(
-            bucket.params, grads, buffers,
-            weight_decay=float(group["weight_decay"]), momentum=group["momentum"],
-            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-            maximize=group["maximize"], is_first_step=bucket.first_step,
-            grad_scale=grad_scale, found_inf=found_inf,
-        )  # fmt: skip
+        lr = group["lr"]
+        done = self._run(bucket, lr, (bucket.params, grads, buffers), (
+            float(group["weight_decay"]), group["momentum"], lr, group["dampening"],
+            group["nesterov"], group["maximize"], bucket.first_step, grad_scale, found_inf,
+        ))  # fmt: skip
         if bucket.first_step:
             for p, buffer in zip(bucket.owners, new_buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
