@@ -89,3 +89,58 @@ def test_env_var_asking_for_an_unusable_backend_is_a_clear_error(value):
     assert out.returncode != 0
     expected = "is not available" if value == "cuda" else "Invalid backend"
     assert expected in out.stderr
+
+
+# ---- the torch backend's CPU blocks ----------------------------------------------------------
+# On the CPU the torch backend steps in blocks of _BLOCK_ELEMENTS elements per tensor list, large
+# contiguous tensors cut into parts (fused_opt/_torch_kernels.py): the block size must change no
+# bit of params or state, whatever the options, dtype, layout or per-param step counts.
+BLOCKED_CASES = {
+    "sgd": ("SGD", {"lr": 0.1}),
+    "sgd-momentum-decay": (
+        "SGD",
+        {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01, "maximize": True},
+    ),
+    "sgd-nesterov": ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "adam-l2-amsgrad": ("Adam", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+    "adamw-maximize": ("AdamW", {"lr": 0.01, "maximize": True}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(BLOCKED_CASES))
+def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, monkeypatch):
+    import torch
+
+    import fused_opt
+    from fused_opt import _torch_kernels
+
+    name, options = BLOCKED_CASES[case]
+    dt = getattr(torch, dtype)
+
+    def run(block: int, module=fused_opt, **backend: str) -> list:
+        monkeypatch.setattr(_torch_kernels, "_BLOCK_ELEMENTS", block)
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(1000,), (37,), (64, 33), (), (0,), (3, 700)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dt)) for s in shapes]
+        params.append(torch.nn.Parameter(torch.randn(40, 30, generator=gen).to(dt).t()))
+        opt = getattr(module, name)(params, **backend, **options)
+        for step in range(4):
+            for i, p in enumerate(params):
+                # params[1] sits the first step out: its step count trails the others'.
+                skip = step == 0 and i == 1
+                p.grad = None if skip else torch.randn(p.shape, generator=gen).to(dt)
+            opt.step()
+        state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        return [p.detach() for p in params] + state
+
+    whole = run(1 << 40, backend="torch")
+    for block in (5, 64, 999):
+        blocked = run(block, backend="torch")
+        assert len(blocked) == len(whole)
+        for a, b in zip(blocked, whole, strict=True):
+            assert torch.equal(a, b), (block, a, b)
+    if dt == torch.float32:  # and the blocks follow the oracle, step counts and all
+        oracle = run(5, torch.optim, foreach=False)
+        for a, b in zip(blocked, oracle, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
