@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 
@@ -227,3 +228,15 @@ def assert_close_to_scale(actual: Tensor, expected: Tensor, fraction: float, wha
     assert error <= fraction * scale + 1e-6, (
         f"{what}: max error {error:.3g} > {fraction} * {scale:.3g}"
     )
+
+
+class FusedOpCounter(TorchDispatchMode):
+    """Counts the calls of fused_opt's ops that reach the dispatcher while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.namespace == "fused_opt"
+        return func(*args, **(kwargs or {}))

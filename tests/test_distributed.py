@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _reference import FusedOpCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 
@@ -74,18 +74,6 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
 def assert_same_params(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-class FusedOpCounter(TorchDispatchMode):
-    """Counts the fused_opt ops that reach the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.namespace == "fused_opt"
-        return func(*args, **(kwargs or {}))
 
 
 def sharded(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from _reference import (
     FUSED_CLASSES,
     TIGHT,
     TORCH_CLASSES,
+    FusedOpCounter,
     assert_same_state,
     clone_params,
     grad_stream,
@@ -371,24 +372,16 @@ def test_the_cpp_step_knows_when_something_may_watch_it():
 def test_a_dispatch_mode_sees_the_fused_op(name, backend, device):
     if backend == "torch":
         pytest.skip("the torch backend runs its PyTorch kernels without a fused op")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.calls += func.namespace == "fused_opt"
-            return func(*args, **(kwargs or {}))
-
     ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device)
     grads = grad_stream(ours_params)
+    counter = FusedOpCounter()
     for watched in (False, False, True):  # the last one with a plan that reads its own grads
         g = next(grads)
         for opt, params in ((ours, ours_params), (ref, ref_params)):
             set_grads(params, g)
-            with Counter() if watched and opt is ours else contextlib.nullcontext():
+            with counter if watched and opt is ours else contextlib.nullcontext():
                 opt.step()
-    assert Counter.calls == 1
+    assert counter.calls == 1
     assert_same_state(ours, ours_params, ref, ref_params, **FP32)
 
 
@@ -399,15 +392,6 @@ def test_a_mode_started_inside_the_step_sees_the_fused_op(name, start, backend, 
     closure may start something that does, and the op must then go through the dispatcher."""
     if backend == "torch":
         pytest.skip("the torch backend runs its PyTorch kernels without a fused op")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.calls += func.namespace == "fused_opt"
-            return func(*args, **(kwargs or {}))
-
     ours, ours_params, ref, ref_params = _twins(name, _plain, backend, device)
     grads = grad_stream(ours_params)
     for _ in range(2):  # the plan is steady after these
@@ -415,7 +399,7 @@ def test_a_mode_started_inside_the_step_sees_the_fused_op(name, start, backend, 
         for opt, params in ((ours, ours_params), (ref, ref_params)):
             set_grads(params, g)
             opt.step()
-    mode = Counter()
+    mode = FusedOpCounter()
 
     def closure():
         mode.__enter__()
@@ -433,7 +417,7 @@ def test_a_mode_started_inside_the_step_sees_the_fused_op(name, start, backend, 
         mode.__exit__(None, None, None)
         handle.remove()
     ref.step()
-    assert Counter.calls == 1
+    assert mode.calls == 1
     assert_same_state(ours, ours_params, ref, ref_params, **FP32)
 
 
