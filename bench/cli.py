@@ -109,7 +109,15 @@ def make_plan(mode: str) -> Plan:
         cases = _cases(
             {
                 w: both
-                for w in ("gpt2-small", "many-small", "tiny", "large-4M", "large-32M", "large-128M")
+                for w in (
+                    "gpt2-small",
+                    "many-small",
+                    "many-small-scattered",
+                    "tiny",
+                    "large-4M",
+                    "large-32M",
+                    "large-128M",
+                )  # fmt: skip
             }
         )
         threads = tuple(sorted({1, max(1, _threads_all() // 2), _threads_all()}))

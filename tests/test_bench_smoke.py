@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from bench.workloads import (  # noqa: E402
     WORKLOADS,
     OptimizerSpec,
     bytes_per_element,
+    make_tensors,
 )
 
 
@@ -67,6 +69,25 @@ def test_gpt2_small_workload_has_the_real_parameter_count() -> None:
     assert gpt2.tensors == 148
     assert gpt2.elements == 124_439_808
     assert gpt2.shapes[0] == (50257, 768)
+
+
+def test_scattered_grads_lie_apart_with_the_same_values() -> None:
+    """many-small-scattered: many-small's tensors, its grads apart as a backward leaves them."""
+    plain, scattered = WORKLOADS["many-small"], WORKLOADS["many-small-scattered"]
+    assert scattered.shapes == plain.shapes and scattered.scattered_grads
+    params, grads = make_tensors(plain, torch.float32)
+    params_s, grads_s = make_tensors(scattered, torch.float32)
+    for a, b in zip(params + grads, params_s + grads_s, strict=True):
+        assert torch.equal(a, b)
+
+    def median_gap(ts: list[torch.Tensor]) -> float:
+        return statistics.median(
+            abs(ts[i + 1].data_ptr() - ts[i].data_ptr()) for i in range(len(ts) - 1)
+        )
+
+    size = 4096 * 4
+    assert median_gap(grads_s) > 8 * size  # 15 allocations of their size between two
+    assert median_gap(grads) < 2 * size
 
 
 class FakeClock:
