@@ -121,6 +121,9 @@ def _effective_grads(
     return work
 
 
+# In-place updates outside autograd, as the compiled kernels make them: leaf params that require
+# grad may be stepped with grad mode on (through fused_opt.functional, say).
+@torch.no_grad()
 def sgd_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -170,6 +173,7 @@ def _sgd_block(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     _store(params, p)
 
 
+@torch.no_grad()
 def adam_(
     params: list[Tensor],
     grads: list[Tensor],

@@ -144,3 +144,24 @@ def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, monkeypatch):
         oracle = run(5, torch.optim, foreach=False)
         for a, b in zip(blocked, oracle, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("numel", [1000, 300_000], ids=["one-block", "cut-into-parts"])
+def test_the_torch_backend_steps_leaf_params_with_grad_mode_on(numel):
+    """As the compiled kernels do: the update is not something autograd records."""
+    import torch
+
+    import fused_opt
+    from fused_opt import functional
+
+    for backend in {"torch", "cpp"} & set(fused_opt.available_backends()):
+        p = torch.nn.Parameter(torch.ones(numel))
+        grads, buffers = [torch.ones(numel)], [torch.zeros(numel)]
+        functional.sgd([p], grads, buffers, lr=0.5, momentum=0.9, is_first_step=True,
+                       backend=backend)  # fmt: skip
+        assert torch.equal(p.detach(), torch.full((numel,), 0.5)), backend
+        assert torch.equal(buffers[0], torch.ones(numel)), backend
+        q = torch.nn.Parameter(torch.ones(numel))
+        state = [[torch.zeros(numel)], [torch.zeros(numel)], [], [torch.tensor(0.0)]]
+        functional.adam([q], [torch.ones(numel)], *state, lr=0.1, backend=backend)
+        torch.testing.assert_close(q.detach(), torch.full((numel,), 0.9))
