@@ -157,7 +157,7 @@ def make_tensors(
     params = [randn(s, 1.0) for s in workload.shapes]
     if not workload.scattered_grads:
         return params, [randn(s, 0.01) for s in workload.shapes]
-    grads, between = [], []
+    grads, between = [], []  # `between` holds the other allocations until every grad is made
     for s in workload.shapes:
         grads.append(randn(s, 0.01))
         between += [torch.empty(s, dtype=dtype, device=device) for _ in range(_SCATTER)]

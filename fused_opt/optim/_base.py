@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import _backends, _ops
-from ..functional import _is_compiling, _observed, grads_of, kernel, on_device
+from ..functional import _is_compiling, _observed, grads_of, hyper_names, kernel, on_device
 from . import _state
 
 try:  # FSDP2 shards params as DTensors; the kernels work on the local shards.
@@ -174,13 +174,18 @@ class FusedOptimizer:
     """Mixin placed before a torch.optim class: ``class Adam(FusedOptimizer, torch.optim.Adam)``."""
 
     _op: str  # the fused op this optimizer calls: "sgd_" or "adam_"
-    _hyper_names: tuple[str, ...]  # its keyword-only arguments, in the schema's order
+    _hyper_names: tuple[str, ...]  # its keyword-only arguments in the schema's order, from _op
     _plans: dict[int, Plan]
     _backend_request: str
     # True while a step runs that found, as it began, that nothing watches its calls (see
     # profile_hook_step): its kernels are then called straight through their direct entry
     # points, without asking again.
     _unobserved = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_op" in cls.__dict__:
+            cls._hyper_names = hyper_names(getattr(torch.ops.fused_opt, cls._op).default)
 
     def _init_backend(self, backend: str | None) -> None:
         """Called before torch.optim's __init__, which adds the param groups."""

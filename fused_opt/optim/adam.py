@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional import hyper_names
 from ._base import Bucket, FusedOptimizer, state_like, zero_scalars
 
 __all__ = ["Adam", "AdamW"]
@@ -27,7 +26,6 @@ class _AdamFamily(FusedOptimizer):
     """State handling and the kernel call shared by Adam and AdamW."""
 
     _op = "adam_"
-    _hyper_names = hyper_names(torch.ops.fused_opt.adam_.default)
     _always_decoupled = False
 
     def _plan_flags(self, group: dict[str, Any]) -> tuple:

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
-from ..functional import hyper_names
 from ._base import Bucket, FusedOptimizer, kernel_view, state_like
 
 __all__ = ["SGD"]
@@ -25,7 +24,6 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _op = "sgd_"
-    _hyper_names = hyper_names(torch.ops.fused_opt.sgd_.default)
 
     def __init__(
         self,
