@@ -9,6 +9,7 @@ special values, the GradScaler contract and input validation.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -531,6 +532,80 @@ def test_low_precision_special_values_round_like_torch(isa, dtype):
             torch.ops.fused_opt.sgd_([p], [g], [], **(kwargs | {"lr": lr}))
             expected = (g.float() * torch.tensor(-lr, dtype=torch.float32)).to(dtype)
             assert_bitwise([p], [expected], f"{name}, lr={lr}")
+
+
+# ---- the division by bias_correction2_sqrt ---------------------------------------------------
+def bias_corrections2_sqrt(beta2, steps):
+    return [(1 - beta2**step) ** 0.5 for step in steps]
+
+
+DIVISORS = [
+    *bias_corrections2_sqrt(0.999, (1, 2, 3, 10, 100, 1000, 10**5)),
+    *bias_corrections2_sqrt(0.95, (1, 7)),
+    *bias_corrections2_sqrt(0.9999, (1, 5000)),
+    1.0,
+    0.5,
+    2.0**-20,
+    0.7071067811865476,  # ends of the range, a power of two, an odd one
+    *[0.5 + 0.5 * x for x in torch.rand(8, generator=torch.Generator().manual_seed(3)).tolist()],
+    2.0**-21,
+    2.0**-60,
+    3.0,  # outside it: divided
+]
+
+
+def fp32_bits(x):
+    return x.view(torch.int32)
+
+
+def test_the_division_by_bias_correction2_sqrt_is_exact(isa):
+    """The 16-bit Adam kernels divide sqrt(v) by bias_correction2_sqrt through its reciprocal and
+    two FMA corrections: every fp32 significand, in the binades sqrt(v) can reach, and the
+    special values must give exactly the division's bits (the quotient's binade does not change
+    the arithmetic, so one of x and all significands cover every pair)."""
+    significands = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 2.0**-74.5,
+         2.0**-149, 1e-45, 2.0**-126, 2.0**64, 3.4028234e38, -1.5, -2.0**-100],
+        dtype=torch.float32,
+    )  # fmt: skip
+    out = torch.empty_like(significands)
+    for c in DIVISORS:
+        c32 = torch.tensor(c, dtype=torch.float32)
+        for scale in (1.0, 2.0**-75, 2.0**63):
+            x = significands * scale
+            _C.divide_by_constant(x, out, c)
+            mismatches = (fp32_bits(out) != fp32_bits(x / c32)).sum().item()
+            assert mismatches == 0, f"c={c!r}, x in [{scale}, {2 * scale}): {mismatches} differ"
+        got = torch.empty_like(specials)
+        _C.divide_by_constant(specials, got, c)
+        assert torch.equal(fp32_bits(got), fp32_bits(specials / c32)), f"c={c!r}: {got}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("beta2", [0.999, 1 - 2.0**-45], ids=["reciprocal", "divided"])
+def test_16_bit_adam_is_the_fp32_step_rounded_once(isa, dtype, beta2):
+    """bf16 and fp16 params and states step in fp32 and round once: bitwise the fp32 kernel's
+    results on the same values, rounded (beta2 near 1: bias_correction2_sqrt out of the
+    reciprocal's range at the first step)."""
+    shapes = [(4099,), (64, 33), (5,)]
+    opts = dict(amsgrad=True, maximize=False, weight_decay=0.1, decoupled_weight_decay=True)
+    low = adam_state(shapes, dtype)
+    gen = torch.Generator().manual_seed(5)
+    # sqrt(v) over many binades, as mixed-scale grads leave it
+    low[2][:] = [(v.float() * torch.logspace(-30, 10, v.numel()).view(v.shape)).to(dtype)
+                 for v in low[2]]  # fmt: skip
+    g = [randn(s, dtype, gen) * torch.logspace(-8, 4, math.prod(s)).view(s).to(dtype)
+         for s in shapes]  # fmt: skip
+    wide = tuple([x.float() for x in part] for part in low[:4]) + (clone(low[4]),)
+    kwargs = adam_kwargs(opts) | dict(beta2=beta2)
+    for state, grads in ((low, g), (wide, [x.float() for x in g])):
+        params, m, v, vmax, steps = state
+        torch.ops.fused_opt.adam_(params, grads, m, v, vmax, steps, **kwargs)
+    names = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+    for name, a, b in zip(names, low[:4], wide[:4], strict=True):
+        assert_bitwise(a, [x.to(dtype) for x in b], name)
+    assert_bitwise(low[4], wide[4], "steps")
 
 
 # ---- GradScaler contract ---------------------------------------------------------------------

@@ -91,6 +91,9 @@ struct KernelTable {
   const char* name;
   SgdFn sgd[kNumDTypes][2 /*scaled*/][2 /*momentum*/];
   AdamFn adam[kNumDTypes][2 /*scaled*/][kNumDecays][2 /*amsgrad*/];
+  // out[i] = x[i] / c as the 16-bit Adam kernels divide by bias_correction2_sqrt, so that the
+  // tests can compare every fp32 significand with a division.
+  void (*divide_by_constant)(const float* x, float* out, int64_t n, float c);
 };
 
 extern const KernelTable kBaselineKernels;

@@ -347,6 +347,32 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   return isa_active(nullptr, nullptr);
 }
 
+// divide_by_constant(x, out, c): out = x / c (contiguous fp32 CPU tensors of one size) the way
+// the active variant's 16-bit Adam kernels divide; for tests/test_cpu_kernels.py.
+PyObject* divide_by_constant(PyObject*, PyObject* args) {
+  PyObject *x_obj, *out_obj;
+  float c;
+  if (!PyArg_ParseTuple(args, "OOf:divide_by_constant", &x_obj, &out_obj, &c)) return nullptr;
+  if (!THPVariable_Check(x_obj) || !THPVariable_Check(out_obj)) {
+    PyErr_SetString(PyExc_TypeError, "divide_by_constant: x and out must be tensors");
+    return nullptr;
+  }
+  const at::Tensor& x = THPVariable_Unpack(x_obj);
+  const at::Tensor& out = THPVariable_Unpack(out_obj);
+  const auto usable = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+  };
+  if (!usable(x) || !usable(out) || x.numel() != out.numel()) {
+    PyErr_SetString(
+        PyExc_ValueError,
+        "divide_by_constant: x and out must be contiguous fp32 CPU tensors of one size");
+    return nullptr;
+  }
+  active_kernels().divide_by_constant(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                                      x.numel(), c);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"isa_compiled", isa_compiled, METH_NOARGS, "SIMD variants of the CPU kernels in this build."},
     {"isa_supported", isa_supported, METH_NOARGS, "Compiled variants this CPU can run."},
@@ -368,6 +394,8 @@ PyMethodDef kMethods[] = {
     {"grads_of", grads_of, METH_O,
      "grads_of(params): ([p.grad for p in params], indices of the params without a grad), "
      "with the cache misses of many params overlapped (eager mode only)."},
+    {"divide_by_constant", divide_by_constant, METH_VARARGS,
+     "divide_by_constant(x, out, c): out = x / c as the 16-bit Adam kernels divide (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -14,11 +14,16 @@ inline VF operator*(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline VF operator/(VF a, VF b) { return {_mm256_div_ps(a.v, b.v)}; }
 // a*b+c with one rounding
 inline VF fmadd(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF fmsub(VF a, VF b, VF c) { return {_mm256_fmsub_ps(a.v, b.v, c.v)}; }  // a*b-c
 inline VF vsqrt(VF a) { return {_mm256_sqrt_ps(a.v)}; }
 // max that returns NaN when either input is NaN (torch.maximum); max_ps alone returns b then.
 inline VF max_nan(VF a, VF b) {
   __m256 a_is_nan = _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q);
   return {_mm256_blendv_ps(_mm256_max_ps(a.v, b.v), a.v, a_is_nan)};
+}
+// x, or `fallback` in the lanes where x is NaN
+inline VF nan_to(VF x, VF fallback) {
+  return {_mm256_blendv_ps(x.v, fallback.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
 }
 
 inline VD operator+(VD a, VD b) { return {_mm256_add_pd(a.v, b.v)}; }
@@ -26,10 +31,14 @@ inline VD operator-(VD a, VD b) { return {_mm256_sub_pd(a.v, b.v)}; }
 inline VD operator*(VD a, VD b) { return {_mm256_mul_pd(a.v, b.v)}; }
 inline VD operator/(VD a, VD b) { return {_mm256_div_pd(a.v, b.v)}; }
 inline VD fmadd(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+inline VD fmsub(VD a, VD b, VD c) { return {_mm256_fmsub_pd(a.v, b.v, c.v)}; }
 inline VD vsqrt(VD a) { return {_mm256_sqrt_pd(a.v)}; }
 inline VD max_nan(VD a, VD b) {
   __m256d a_is_nan = _mm256_cmp_pd(a.v, a.v, _CMP_UNORD_Q);
   return {_mm256_blendv_pd(_mm256_max_pd(a.v, b.v), a.v, a_is_nan)};
+}
+inline VD nan_to(VD x, VD fallback) {
+  return {_mm256_blendv_pd(x.v, fallback.v, _mm256_cmp_pd(x.v, x.v, _CMP_UNORD_Q))};
 }
 
 template <typename S>

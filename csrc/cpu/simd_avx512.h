@@ -14,11 +14,16 @@ inline VF operator*(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VF operator/(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
 // a*b+c with one rounding
 inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF fmsub(VF a, VF b, VF c) { return {_mm512_fmsub_ps(a.v, b.v, c.v)}; }  // a*b-c
 inline VF vsqrt(VF a) { return {_mm512_sqrt_ps(a.v)}; }
 // max that returns NaN when either input is NaN (torch.maximum); max_ps alone returns b then.
 inline VF max_nan(VF a, VF b) {
   __mmask16 a_is_nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
   return {_mm512_mask_blend_ps(a_is_nan, _mm512_max_ps(a.v, b.v), a.v)};
+}
+// x, or `fallback` in the lanes where x is NaN
+inline VF nan_to(VF x, VF fallback) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), x.v, fallback.v)};
 }
 
 inline VD operator+(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
@@ -26,10 +31,14 @@ inline VD operator-(VD a, VD b) { return {_mm512_sub_pd(a.v, b.v)}; }
 inline VD operator*(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
 inline VD operator/(VD a, VD b) { return {_mm512_div_pd(a.v, b.v)}; }
 inline VD fmadd(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+inline VD fmsub(VD a, VD b, VD c) { return {_mm512_fmsub_pd(a.v, b.v, c.v)}; }
 inline VD vsqrt(VD a) { return {_mm512_sqrt_pd(a.v)}; }
 inline VD max_nan(VD a, VD b) {
   __mmask8 a_is_nan = _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q);
   return {_mm512_mask_blend_pd(a_is_nan, _mm512_max_pd(a.v, b.v), a.v)};
+}
+inline VD nan_to(VD x, VD fallback) {
+  return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(x.v, x.v, _CMP_UNORD_Q), x.v, fallback.v)};
 }
 
 // Lanes<S>: how a storage type S is loaded into / stored from its compute vector.

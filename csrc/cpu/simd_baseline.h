@@ -6,11 +6,16 @@
 
 inline float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double fmadd(double a, double b, double c) { return __builtin_fma(a, b, c); }
+inline float fmsub(float a, float b, float c) { return __builtin_fmaf(a, b, -c); }  // a*b-c
+inline double fmsub(double a, double b, double c) { return __builtin_fma(a, b, -c); }
 inline float vsqrt(float a) { return __builtin_sqrtf(a); }
 inline double vsqrt(double a) { return __builtin_sqrt(a); }
 // torch.maximum: NaN if either input is NaN.
 inline float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 inline double max_nan(double a, double b) { return (a != a || a > b) ? a : b; }
+// x, or `fallback` where x is NaN
+inline float nan_to(float x, float fallback) { return x != x ? fallback : x; }
+inline double nan_to(double x, double fallback) { return x != x ? fallback : x; }
 
 inline uint32_t float_bits(float x) {
   uint32_t u;

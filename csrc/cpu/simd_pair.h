@@ -29,6 +29,14 @@ inline Pair<V> fmadd(Pair<V> a, Pair<V> b, Pair<V> c) {
   return {fmadd(a.lo, b.lo, c.lo), fmadd(a.hi, b.hi, c.hi)};
 }
 template <typename V>
+inline Pair<V> fmsub(Pair<V> a, Pair<V> b, Pair<V> c) {
+  return {fmsub(a.lo, b.lo, c.lo), fmsub(a.hi, b.hi, c.hi)};
+}
+template <typename V>
+inline Pair<V> nan_to(Pair<V> x, Pair<V> fallback) {
+  return {nan_to(x.lo, fallback.lo), nan_to(x.hi, fallback.hi)};
+}
+template <typename V>
 inline Pair<V> vsqrt(Pair<V> a) {
   return {vsqrt(a.lo), vsqrt(a.hi)};
 }
