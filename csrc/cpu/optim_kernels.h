@@ -23,6 +23,17 @@
 // tensor's first part near the end of a longer one costs more than it saves.
 constexpr int64_t kMaxAheadBytes = 16384;
 
+// Every stream is also loaded kPrefetchBytes ahead of where the kernel works, into L1: with
+// four or five streams a core's hardware prefetchers keep too few lines coming. Paired in one
+// process with cold caches, 1 KB against none (Intel Xeon, 2 cores, AVX-512, 2026-12-02): one
+// 32M-element tensor stepped 19% faster with bf16 SGD momentum, 26% with bf16 AdamW, 6% and 9%
+// in fp32; 2000 tensors of 4096 elements 2-5% (SGD) and 5-6% (AdamW) in fp32, 0-5% in bf16,
+// with the grads apart in memory or not. 2 KB reads alike on one tensor but was 2-4% slower
+// with SGD on grads apart; 512 bytes did less, loads into L2 only or for writing no better.
+// Past the end of a tensor this loads what follows it in memory, often the next tensor's own
+// (params and state are allocated one after another); stopping at the end did no better.
+constexpr int64_t kPrefetchBytes = 1024;
+
 template <typename S, int N>
 struct Ahead {
   const S* ptrs[N] = {};
@@ -47,7 +58,8 @@ inline Ahead<S, N> ahead_of(const Tensor& t, int64_t begin, int64_t end, const T
 // Calls step(at) with `at` = the N streams advanced to each full vector, then once more for the
 // tail, copied into zero-padded stack buffers (the `written` ones are copied back). Every stream
 // pointer is valid: a kernel passes the param's pointer for a stream it does not use. Loads the
-// lines of `ahead` alongside, one per stream for each cache line of elements done.
+// lines kPrefetchBytes ahead and those of `ahead` alongside, one per stream for each cache line
+// of elements done.
 template <int N, typename S, typename Step>
 inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written)[N],
                             const Ahead<S, N>& ahead, Step step) {
@@ -56,8 +68,17 @@ inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written
   static_assert(W <= kLine && kLine % W == 0, "a vector lies within one cache line");
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    if (i < ahead.n && i % kLine == 0)
-      for (int s = 0; s < ahead.streams; ++s) __builtin_prefetch(ahead.ptrs[s] + i, 0, 2);
+    if (i % kLine == 0) {
+      // As addresses, not pointers: the line ahead may lie past the end of the tensor.
+      for (int s = 0; s < N; ++s)
+        if (s == 0 || ptrs[s] != ptrs[0])  // a stream the kernel does not use is the param's
+          __builtin_prefetch(
+              reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(ptrs[s] + i) +
+                                            kPrefetchBytes),
+              0, 3);
+      if (i < ahead.n)
+        for (int s = 0; s < ahead.streams; ++s) __builtin_prefetch(ahead.ptrs[s] + i, 0, 2);
+    }
     S* at[N];
     for (int s = 0; s < N; ++s) at[s] = ptrs[s] + i;
     step(at);
