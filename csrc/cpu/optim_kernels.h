@@ -72,10 +72,9 @@ inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written
       // As addresses, not pointers: the line ahead may lie past the end of the tensor.
       for (int s = 0; s < N; ++s)
         if (s == 0 || ptrs[s] != ptrs[0])  // a stream the kernel does not use is the param's
-          __builtin_prefetch(
-              reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(ptrs[s] + i) +
-                                            kPrefetchBytes),
-              0, 3);
+          __builtin_prefetch(reinterpret_cast<const void*>(
+                                 reinterpret_cast<uintptr_t>(ptrs[s] + i) + kPrefetchBytes),
+                             0, 3);
       if (i < ahead.n)
         for (int s = 0; s < ahead.streams; ++s) __builtin_prefetch(ahead.ptrs[s] + i, 0, 2);
     }
