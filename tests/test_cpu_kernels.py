@@ -543,14 +543,11 @@ DIVISORS = [
     *bias_corrections2_sqrt(0.999, (1, 2, 3, 10, 100, 1000, 10**5)),
     *bias_corrections2_sqrt(0.95, (1, 7)),
     *bias_corrections2_sqrt(0.9999, (1, 5000)),
-    1.0,
-    0.5,
-    2.0**-20,
-    0.7071067811865476,  # ends of the range, a power of two, an odd one
+    # the ends of the reciprocal's range, a power of two, an irrational one, random ones
+    *(1.0, 2.0**-20, 0.5, 0.7071067811865476),
     *[0.5 + 0.5 * x for x in torch.rand(8, generator=torch.Generator().manual_seed(3)).tolist()],
-    2.0**-21,
-    2.0**-60,
-    3.0,  # outside it: divided
+    # outside the range: divided
+    *(2.0**-21, 2.0**-60, 3.0),
 ]
 
 
@@ -561,8 +558,8 @@ def fp32_bits(x):
 def test_the_division_by_bias_correction2_sqrt_is_exact(isa):
     """The 16-bit Adam kernels divide sqrt(v) by bias_correction2_sqrt through its reciprocal and
     two FMA corrections: every fp32 significand, in the binades sqrt(v) can reach, and the
-    special values must give exactly the division's bits (the quotient's binade does not change
-    the arithmetic, so one of x and all significands cover every pair)."""
+    special values must give exactly the division's bits (scaling x by a power of two scales
+    every step of it exactly, so the significands of one binade stand for all of them)."""
     significands = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32)
     specials = torch.tensor(
         [0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 2.0**-74.5,

@@ -197,7 +197,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   const V eps = L::splat(C(k.eps));
   const C bc2_sqrt = C(t.bias_correction2_sqrt);
   const V bias_correction2_sqrt = L::splat(bc2_sqrt);
-  const bool by_reciprocal = kDividesByReciprocal<S> && divides_by_reciprocal(bc2_sqrt);
+  const bool by_reciprocal = divides_by_reciprocal(bc2_sqrt);  // used by 16-bit S only
   const V reciprocal = L::splat(C(1) / bc2_sqrt), neg_reciprocal = L::splat(C(-1) / bc2_sqrt);
   const V neg_step_size = L::splat(C(t.neg_step_size));
   const bool maximize = k.maximize;
