@@ -256,7 +256,7 @@ def _measure_all(
         _progress(f"bandwidth ({threads} threads): {before.gb_per_s:.1f} GB/s (best of {rates})")
         probe = BandwidthProbe(device, plan.bandwidth_elements)
         results += run_cases(plan.cases, impls, device, plan.timing_for(), threads, probe)
-        probes, round_probes = probe.rates, probe.round_rates
+        probes, round_probes, probe_kind = probe.rates, probe.round_rates, probe.kind
         del probe  # its buffer: the measurement after the run needs the memory
         after = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
         seen = [before.gb_per_s, after.gb_per_s, *probes, *round_probes]
@@ -267,6 +267,7 @@ def _measure_all(
             "after": after.as_dict(),
             "probes_gb_per_s": probes,
             "round_probes_gb_per_s": round_probes,
+            "probe": probe_kind,
         }
         if (high - low) / high > NOISY_SPREAD:
             notes.append(

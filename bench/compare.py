@@ -23,7 +23,14 @@ import torch
 from .correctness import wrong_results
 from .implementations import Implementation
 from .measure import BandwidthProbe, Rounds, Samples, Timing, time_rounds
-from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element, make_tensors
+from .workloads import (
+    DTYPES,
+    OPTIMIZERS,
+    WORKLOADS,
+    bytes_per_element,
+    make_tensors,
+    streams_of,
+)
 
 __all__ = [
     "PAIRED_FLOOR_BYTES",
@@ -100,8 +107,9 @@ def run_cases(
 ) -> list[Result]:
     """Time every implementation on every case; ``timing`` maps workload names to settings.
 
-    ``probe`` takes a reading before each (workload, dtype, optimizer) case, and one pass
-    before each timed call in cases that move ``PAIRED_FLOOR_BYTES`` or more; the other cases'
+    ``probe``, shaped like each case's step, takes a reading before each (workload, dtype,
+    optimizer) case, and one pass before each timed call in cases that move
+    ``PAIRED_FLOOR_BYTES`` or more; the other cases'
     floor uses the median of the readings before each case.
     """
     cases = list(cases)
@@ -118,8 +126,9 @@ def run_cases(
             p.requires_grad_(True)
             p.grad = g
         for opt_name in case.optimizers:
-            probe()
             spec = OPTIMIZERS[opt_name]
+            probe.use_streams(streams_of(spec))
+            probe()
             if (opt_name, case.dtype) not in checked:
                 checked[opt_name, case.dtype] = wrong_results(impls, spec, dtype, device)
             wrong = checked[opt_name, case.dtype]

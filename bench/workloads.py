@@ -22,6 +22,7 @@ __all__ = [
     "bytes_per_element",
     "gpt2_small_shapes",
     "make_tensors",
+    "streams_of",
 ]
 
 
@@ -123,20 +124,27 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def streams_of(spec: OptimizerSpec) -> int:
+    """How many arrays one step streams per param: param, grad and each state tensor.
+
+    The step reads every one of them and writes all but the grad back: SGD 2, SGD momentum /
+    Nesterov 3 (+ the momentum buffer), Adam / AdamW 4 (+ exp_avg and exp_avg_sq), 5 with
+    amsgrad (+ max_exp_avg_sq).
+    """
+    if spec.is_adam:
+        return 5 if spec.kwargs.get("amsgrad") else 4
+    return 3 if spec.kwargs.get("momentum", 0) != 0 else 2
+
+
 def bytes_per_element(spec: OptimizerSpec, dtype: torch.dtype) -> int:
     """Bytes one step must move per parameter element: the memory traffic floor.
 
-    Streams of the param's dtype (state has the param's dtype, as in torch.optim):
-    param read + write, grad read = 3; SGD momentum buffer read + write = +2;
-    Adam/AdamW exp_avg and exp_avg_sq read + write = +4; amsgrad's max_exp_avg_sq = +2.
-    fp32: plain SGD 12, SGD momentum/Nesterov 20, Adam/AdamW 28 (36 with amsgrad); bf16 half.
+    Each stream is read once and, but the grad, written once, in the param's dtype (state has
+    the param's dtype, as in torch.optim): fp32 plain SGD 12, SGD momentum/Nesterov 20,
+    Adam/AdamW 28 (36 with amsgrad); bf16 half.
     """
-    streams = 3
-    if spec.is_adam:
-        streams += 4 + (2 if spec.kwargs.get("amsgrad") else 0)
-    elif spec.kwargs.get("momentum", 0) != 0:
-        streams += 2
-    return streams * torch.empty((), dtype=dtype).element_size()
+    streams = streams_of(spec)
+    return (2 * streams - 1) * torch.empty((), dtype=dtype).element_size()
 
 
 # Allocations left between two scattered grads: 2000 grads of 4096 fp32 elements that a backward

@@ -35,7 +35,11 @@ from bench.workloads import (  # noqa: E402
     OptimizerSpec,
     bytes_per_element,
     make_tensors,
+    streams_of,
 )
+from fused_opt._ops import native_module  # noqa: E402
+
+AMSGRAD = OptimizerSpec("adam-amsgrad", "Adam", {"lr": 1e-3, "amsgrad": True})
 
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -55,13 +59,24 @@ def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
         (OPTIMIZERS["sgd-nesterov"], 20),
         (OPTIMIZERS["adam"], 28),
         (OPTIMIZERS["adamw"], 28),
-        (OptimizerSpec("adam-amsgrad", "Adam", {"lr": 1e-3, "amsgrad": True}), 36),
+        (AMSGRAD, 36),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
 def test_bytes_per_element_follows_the_stream_count(spec: OptimizerSpec, fp32_bytes: int) -> None:
     assert bytes_per_element(spec, torch.float32) == fp32_bytes
     assert bytes_per_element(spec, torch.bfloat16) == fp32_bytes // 2
+
+
+@pytest.mark.skipif(native_module("cpp") is None, reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("spec", [*OPTIMIZERS.values(), AMSGRAD], ids=lambda s: s.name)
+def test_the_floor_pass_has_the_step_shape(spec: OptimizerSpec) -> None:
+    """The probe streams as many arrays as the step and moves the same bytes per element."""
+    probe = BandwidthProbe(torch.device("cpu"), 4096)
+    probe.use_streams(streams_of(spec))
+    assert probe.bytes_per_pass == bytes_per_element(spec, torch.float32) * 4096
+    assert "stream_pass" in probe.kind
+    assert probe() > 0 and probe.time_one_pass() > 0
 
 
 def test_gpt2_small_workload_has_the_real_parameter_count() -> None:

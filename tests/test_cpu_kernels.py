@@ -579,6 +579,44 @@ def test_the_division_by_bias_correction2_sqrt_is_exact(isa):
         assert torch.equal(fp32_bits(got), fp32_bits(specials / c32)), f"c={c!r}: {got}"
 
 
+@pytest.mark.parametrize("streams", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("size", [37, 70_001], ids=["short", "chunked"])
+def test_the_bandwidth_pass_reads_every_array_and_writes_all_but_the_second(isa, streams, size):
+    """bench/'s floor pass: finite values stay bitwise as they were; a NaN in any array shows
+    that it was read, as it spreads to the same element of every array written back."""
+    gen = torch.Generator().manual_seed(streams)
+    arrays = [torch.rand(size, generator=gen) for _ in range(streams)]
+    before = [a.clone() for a in arrays]
+    _C.stream_pass(arrays)
+    assert all(torch.equal(a, b) for a, b in zip(arrays, before, strict=True))
+    for source in range(streams):
+        at = (source * 7919) % size  # in the vector loop or the tail
+        arrays[source][at] = float("nan")
+        _C.stream_pass(arrays)
+        for s, a in enumerate(arrays):
+            assert a[at].isnan().item() == (s != 1 or s == source), (source, s)
+            a[at] = before[s][at]
+        assert all(torch.equal(a, b) for a, b in zip(arrays, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [],
+        [torch.zeros(8) for _ in range(6)],
+        [torch.zeros(8), torch.zeros(9)],
+        [torch.zeros(8, dtype=torch.float64)],
+        [torch.zeros(16)[::2]],
+    ],
+    ids=["none", "six", "sizes", "fp64", "strided"],
+)
+def test_the_bandwidth_pass_refuses_what_it_cannot_stream(arrays):
+    with pytest.raises(ValueError, match="1 to 5 contiguous fp32 CPU tensors of one size"):
+        _C.stream_pass(arrays)
+    with pytest.raises(TypeError, match="arrays must be a list of tensors"):
+        _C.stream_pass(torch.zeros(8))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("beta2", [0.999, 1 - 2.0**-45], ids=["reciprocal", "divided"])
 def test_16_bit_adam_is_the_fp32_step_rounded_once(isa, dtype, beta2):

@@ -84,6 +84,9 @@ struct AdamTensor {
   AdamFn kernel;
 };
 
+// The most arrays a bandwidth pass reads: as many as Adam with amsgrad.
+constexpr int kMaxPassStreams = 5;
+
 // ---- one SIMD variant ------------------------------------------------------------------------
 // Indexed by [dtype][grad_scale given][...]: the flags that change the inner loop most are
 // template parameters; the rest are uniform branches inside the loop.
@@ -94,6 +97,9 @@ struct KernelTable {
   // out[i] = x[i] / c as the 16-bit Adam kernels divide by bias_correction2_sqrt, so that the
   // tests can compare every fp32 significand with a division.
   void (*divide_by_constant)(const float* x, float* out, int64_t n, float c);
+  // The bandwidth floor's pass over `streams` (1 to kMaxPassStreams) fp32 arrays of n elements,
+  // shaped like a step: every array read, all but the second written back (optim_kernels.h).
+  void (*stream_pass)(float* const* arrays, int streams, int64_t n, float zero);
 };
 
 extern const KernelTable kBaselineKernels;

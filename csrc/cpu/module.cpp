@@ -373,6 +373,43 @@ PyObject* divide_by_constant(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// stream_pass(arrays): the bandwidth floor's pass (run_stream_pass) over a list of 1 to 5
+// contiguous fp32 CPU tensors of one size; their values stay as they are (finite data).
+PyObject* stream_pass(PyObject*, PyObject* arg) {
+  PyTensorList list;
+  TensorRefs arrays;
+  if (!list.parse(arg, "arrays", arrays)) return nullptr;
+  const auto usable = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+           t.numel() == arrays[0].numel();
+  };
+  bool ok = !arrays.empty() && arrays.size() <= kMaxPassStreams;
+  float* ptrs[kMaxPassStreams];
+  for (size_t s = 0; ok && s < arrays.size(); ++s) {
+    ok = usable(arrays[s]);
+    if (ok) ptrs[s] = arrays[s].mutable_data_ptr<float>();
+  }
+  if (!ok) {
+    PyErr_Format(PyExc_ValueError,
+                 "stream_pass: arrays must be 1 to %d contiguous fp32 CPU tensors of one size",
+                 kMaxPassStreams);
+    return nullptr;
+  }
+  bool failed = false;  // nothing may leave the GIL-free block by an exception
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    run_stream_pass(ptrs, static_cast<int>(arrays.size()), arrays[0].numel());
+  } catch (...) {
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) {
+    PyErr_SetString(PyExc_RuntimeError, "stream_pass failed");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"isa_compiled", isa_compiled, METH_NOARGS, "SIMD variants of the CPU kernels in this build."},
     {"isa_supported", isa_supported, METH_NOARGS, "Compiled variants this CPU can run."},
@@ -396,6 +433,9 @@ PyMethodDef kMethods[] = {
      "with the cache misses of many params overlapped (eager mode only)."},
     {"divide_by_constant", divide_by_constant, METH_VARARGS,
      "divide_by_constant(x, out, c): out = x / c as the 16-bit Adam kernels divide (tests)."},
+    {"stream_pass", stream_pass, METH_O,
+     "stream_pass(arrays): reads every array and writes back all but the second, unchanged, as "
+     "the step's kernels stream memory: the pass bench/ times as the bandwidth floor."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -266,6 +266,42 @@ inline void divide_by_constant_f32(const float* x, float* out, int64_t n, float 
   });
 }
 
+// ---- the bandwidth floor's pass ----------------------------------------------------------------
+// A step's memory traffic with no arithmetic to wait on: reads N fp32 arrays of n elements and
+// writes back all but the second (a step reads its grads and writes the rest), through the
+// kernels' own loop and loads ahead. Each written element becomes x + zero * (the sum of its
+// element in every array): itself for finite data, the zero being the caller's so that the
+// compiler keeps every load and store. bench/ times it as the bandwidth floor of a step.
+template <int N>
+void stream_pass_of(float* const* arrays, int64_t n, float zero) {
+  using L = Lanes<float>;
+  using V = L::Vec;
+  float* ptrs[N];
+  bool written[N];
+  for (int s = 0; s < N; ++s) {
+    ptrs[s] = arrays[s];
+    written[s] = s != 1;
+  }
+  const V z = L::splat(zero);
+  for_each_vector(n, ptrs, written, Ahead<float, N>{}, [&](float* const* at) {
+    V loaded[N];
+    V sum = loaded[0] = L::load(at[0]);
+    for (int s = 1; s < N; ++s) sum = sum + (loaded[s] = L::load(at[s]));
+    for (int s = 0; s < N; ++s)
+      if (s != 1) L::store(at[s], fmadd(sum, z, loaded[s]));
+  });
+}
+
+inline void stream_pass(float* const* arrays, int streams, int64_t n, float zero) {
+  switch (streams) {
+    case 1: return stream_pass_of<1>(arrays, n, zero);
+    case 2: return stream_pass_of<2>(arrays, n, zero);
+    case 3: return stream_pass_of<3>(arrays, n, zero);
+    case 4: return stream_pass_of<4>(arrays, n, zero);
+    default: return stream_pass_of<kMaxPassStreams>(arrays, n, zero);
+  }
+}
+
 // ---- the table of one variant ----------------------------------------------------------------
 template <typename S, bool kScaled>
 constexpr void fill_adam(KernelTable& table, int dtype) {
@@ -291,6 +327,7 @@ constexpr KernelTable make_table(const char* name) {
   KernelTable table{};
   table.name = name;
   table.divide_by_constant = &divide_by_constant_f32;
+  table.stream_pass = &stream_pass;
   fill_dtype<float>(table, kFloat32);
   fill_dtype<double>(table, kFloat64);
   fill_dtype<bf16>(table, kBFloat16);

@@ -251,14 +251,15 @@ void run_range(const std::vector<Work>& work, int64_t begin, int64_t end, const 
   }
 }
 
-// One parallel region for all tensors of the call (at::parallel_for: torch's thread pool and
-// torch.set_num_threads). Which thread runs a chunk does not change its result.
-template <typename Work, typename Consts>
-void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& consts) {
+// Calls run(begin, end) on chunks covering [0, total) of a call's flat element space, in one
+// parallel region (at::parallel_for: torch's thread pool and torch.set_num_threads), the
+// threads taking the chunks in turn. Which thread runs a chunk does not change its result.
+template <typename Run>
+void for_each_chunk(int64_t total, const Run& run) {
   if (total == 0) return;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), total / kMinParallel);
   if (threads <= 1 || at::in_parallel_region()) {
-    run_range(work, 0, total, consts);
+    run(int64_t{0}, total);
     return;
   }
   const int64_t chunk =
@@ -268,7 +269,7 @@ void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& co
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t c = next_chunk.fetch_add(1, std::memory_order_relaxed); c < chunks;
          c = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
-      run_range(work, c * chunk, std::min(total, (c + 1) * chunk), consts);
+      run(c * chunk, std::min(total, (c + 1) * chunk));
     }
   });
 }
@@ -277,7 +278,9 @@ void run_parallel(const std::vector<Work>& work, int64_t total, const Consts& co
 // version counting: the plan has counted this step's update once, as for every tensor).
 template <typename Work, typename Consts>
 void run_and_write_back(const Plan<Work, Consts>& plan) {
-  run_parallel(*plan.work, plan.total, plan.consts);
+  for_each_chunk(plan.total, [&](int64_t begin, int64_t end) {
+    run_range(*plan.work, begin, end, plan.consts);
+  });
   at::AutoDispatchBelowADInplaceOrView uncounted;
   for (const auto& [state, copy] : *plan.write_backs) state.copy_(copy);
   plan.write_backs->clear();
@@ -480,5 +483,14 @@ AdamPlan plan_adam(const AdamCall& call) {
 
 void run_plan(const SgdPlan& plan) { run_and_write_back(plan); }
 void run_plan(const AdamPlan& plan) { run_and_write_back(plan); }
+
+void run_stream_pass(float* const* arrays, int streams, int64_t n) {
+  const KernelTable& kernels = active_kernels();
+  for_each_chunk(n, [&](int64_t begin, int64_t end) {
+    float* at[kMaxPassStreams];
+    for (int s = 0; s < streams; ++s) at[s] = arrays[s] + begin;
+    kernels.stream_pass(at, streams, end - begin, 0.0f);
+  });
+}
 
 }  // namespace fused_opt_cpu

@@ -70,4 +70,8 @@ AdamPlan plan_adam(const AdamCall& call);
 void run_plan(const SgdPlan& plan);
 void run_plan(const AdamPlan& plan);
 
+// The bandwidth floor's pass (KernelTable::stream_pass) over `streams` arrays of n elements,
+// chunked and threaded as run_plan() runs a step's tensors.
+void run_stream_pass(float* const* arrays, int streams, int64_t n);
+
 }  // namespace fused_opt_cpu
