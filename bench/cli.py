@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -257,6 +258,7 @@ def _measure_all(
         probe = BandwidthProbe(device, plan.bandwidth_elements)
         results += run_cases(plan.cases, impls, device, plan.timing_for(), threads, probe)
         probes, round_probes, probe_kind = probe.rates, probe.round_rates, probe.kind
+        references = probe.reference_rates
         del probe  # its buffer: the measurement after the run needs the memory
         after = measure_bandwidth(device, plan.bandwidth_elements, plan.bandwidth_timing)
         seen = [before.gb_per_s, after.gb_per_s, *probes, *round_probes]
@@ -268,7 +270,10 @@ def _measure_all(
             "probes_gb_per_s": probes,
             "round_probes_gb_per_s": round_probes,
             "probe": probe_kind,
+            "reference_probes_gb_per_s": references,
         }
+        if note := _slow_floor_note(threads, probes, references):
+            notes.append(note)
         if (high - low) / high > NOISY_SPREAD:
             notes.append(
                 f"memory bandwidth ({threads} threads) varied from {low:.1f} to {high:.1f} GB/s "
@@ -277,6 +282,26 @@ def _measure_all(
             )
     torch.set_num_threads(default_threads)
     return results, bandwidths
+
+
+def _slow_floor_note(threads: int, probes: list[float], references: list[float]) -> str | None:
+    """A note when the floor's pass read slower than torch's ``x *= c`` taken beside it.
+
+    Each reading of the step-shaped pass before a case is paired with one of torch's pass over
+    the same memory; where the shaped pass is the slower one, the floors are too long and every
+    fraction reads too high.
+    """
+    if not references:
+        return None
+    ratios = [p / r for p, r in zip(probes, references, strict=True)]
+    slower = sum(r < 1 for r in ratios)
+    if statistics.median(ratios) >= 1:
+        return None
+    return (
+        f"the floor's pass ({threads} threads) read slower than torch's x *= c beside it in "
+        f"{slower} of {len(ratios)} cases (median {statistics.median(ratios):.2f}x): the "
+        "fractions of the floor read too high in this run"
+    )
 
 
 def _progress(message: str) -> None:

@@ -254,9 +254,12 @@ class BandwidthProbe:
     CPU: ``fused_opt._C.stream_pass`` over as many arrays of ``elements`` fp32 as the step
     streams (``use_streams``), reading every one and writing back all but one, as a step does,
     with the kernels' own loop and loads ahead but no arithmetic to wait on. The bandwidth a
-    pass reaches depends on its shape (2-core Intel Xeon, 256 MB arrays: 52 GB/s over one, 44
-    over two, 50 over three, 53 over four; torch's ``x *= c`` 41), so the floor of a step is
-    read with a pass of its own shape.
+    pass reaches depends on its shape (2-core Intel Xeon, 256 MB arrays, medians of 7 passes,
+    2026-12-04: 62-65 GB/s over one array, 49-50 over two, 53-55 over three, 53-56 over four,
+    51-52 over five; torch's ``x *= c`` 48-49), so the floor of a step is read with a pass of its
+    own shape. Each reading before a case also times torch's ``x *= c``
+    over the first array (``reference_rates``), so a run shows that the pass it calls the floor
+    is not slower than torch's own; a floor read with a slower pass would flatter every step.
     Without the compiled kernels: torch's ``x *= c``. CUDA: a device copy.
     """
 
@@ -269,6 +272,7 @@ class BandwidthProbe:
         self.out = torch.empty_like(self._arrays[0]) if device.type == "cuda" else None
         self.streams = 1
         self.rates: list[float] = []  # the readings before each case
+        self.reference_rates: list[float] = []  # torch's x *= c, beside each of those readings
         self.round_rates: list[float] = []  # the single passes before each timed call
 
     @property
@@ -308,6 +312,10 @@ class BandwidthProbe:
         samples = time_calls(self._pass, self.device, _PROBE_TIMING)
         rate = self.bytes_per_pass / samples.median / 1e9
         self.rates.append(rate)
+        if self._native is not None:
+            x = self._arrays[0]
+            reference = time_calls(lambda: x.mul_(1.0000001), self.device, _PROBE_TIMING)
+            self.reference_rates.append(2 * x.element_size() * x.numel() / reference.median / 1e9)
         return rate
 
     def time_one_pass(self) -> float:

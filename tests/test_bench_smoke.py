@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench` is a folder of the repository, not an installed package
 
-from bench.cli import wrong_result_notes  # noqa: E402
+from bench.cli import _slow_floor_note, wrong_result_notes  # noqa: E402
 from bench.compare import Case, Result, add_paired_ratios, run_cases  # noqa: E402
 from bench.correctness import wrong_results  # noqa: E402
 from bench.implementations import Implementation, discover  # noqa: E402
@@ -77,6 +77,22 @@ def test_the_floor_pass_has_the_step_shape(spec: OptimizerSpec) -> None:
     assert probe.bytes_per_pass == bytes_per_element(spec, torch.float32) * 4096
     assert "stream_pass" in probe.kind
     assert probe() > 0 and probe.time_one_pass() > 0
+    assert len(probe.reference_rates) == len(probe.rates) == 1 and probe.reference_rates[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("probes", "references", "noted"),
+    [
+        ([50.0, 52.0, 48.0], [45.0, 49.0, 50.0], False),  # faster in most cases: the floor holds
+        ([40.0, 52.0, 44.0], [45.0, 49.0, 50.0], True),  # slower in most: fractions read high
+        ([40.0], [], False),  # no reference (CUDA, or torch's pass itself)
+    ],
+)
+def test_a_floor_pass_slower_than_torchs_is_noted(probes, references, noted) -> None:
+    note = _slow_floor_note(2, probes, references)
+    assert (note is not None) == noted
+    if noted:
+        assert "2 of 3 cases" in note and "read too high" in note
 
 
 def test_gpt2_small_workload_has_the_real_parameter_count() -> None:
