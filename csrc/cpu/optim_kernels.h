@@ -57,12 +57,13 @@ inline Ahead<S, N> ahead_of(const Tensor& t, int64_t begin, int64_t end, const T
 
 // Calls step(at) with `at` = the N streams advanced to each full vector, then once more for the
 // tail, copied into zero-padded stack buffers (the `written` ones are copied back). Every stream
-// pointer is valid: a kernel passes the param's pointer for a stream it does not use. Loads the
-// lines kPrefetchBytes ahead and those of `ahead` alongside, one per stream for each cache line
-// of elements done.
-template <int N, typename S, typename Step>
+// pointer is valid: a kernel passes the param's pointer for a stream it does not use, and the
+// streams it uses come first (kUsed of them). Loads the lines kPrefetchBytes ahead of those and
+// the lines of `ahead` alongside, one per stream for each cache line of elements done.
+template <int kUsed, int N, typename S, typename Step>
 inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written)[N],
                             const Ahead<S, N>& ahead, Step step) {
+  static_assert(0 < kUsed && kUsed <= N, "a kernel uses some of its streams");
   constexpr int W = Lanes<S>::kWidth;
   constexpr int64_t kLine = 64 / sizeof(S);  // elements per cache line
   static_assert(W <= kLine && kLine % W == 0, "a vector lies within one cache line");
@@ -70,11 +71,10 @@ inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written
   for (; i + W <= n; i += W) {
     if (i % kLine == 0) {
       // As addresses, not pointers: the line ahead may lie past the end of the tensor.
-      for (int s = 0; s < N; ++s)
-        if (s == 0 || ptrs[s] != ptrs[0])  // a stream the kernel does not use is the param's
-          __builtin_prefetch(reinterpret_cast<const void*>(
-                                 reinterpret_cast<uintptr_t>(ptrs[s] + i) + kPrefetchBytes),
-                             0, 3);
+      for (int s = 0; s < kUsed; ++s)
+        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(ptrs[s] + i) +
+                                                         kPrefetchBytes),
+                           0, 3);
       if (i < ahead.n)
         for (int s = 0; s < ahead.streams; ++s) __builtin_prefetch(ahead.ptrs[s] + i, 0, 2);
     }
@@ -117,11 +117,12 @@ void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts&
   S* const ptrs[3] = {param, const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
                       kMomentum ? static_cast<S*>(t.momentum_buffer) + begin : param};
   const bool written[3] = {true, false, kMomentum};
-  const auto ahead = next == nullptr ? Ahead<S, 3>{}
-                                     : ahead_of<S>(t, begin, end, *next,
-                                                   {next->param, next->grad, next->momentum_buffer},
-                                                   kMomentum ? 3 : 2);
-  for_each_vector(end - begin, ptrs, written, ahead, [&](S* const* at) {
+  constexpr int kUsed = kMomentum ? 3 : 2;
+  const auto ahead = next == nullptr
+                         ? Ahead<S, 3>{}
+                         : ahead_of<S>(t, begin, end, *next,
+                                       {next->param, next->grad, next->momentum_buffer}, kUsed);
+  for_each_vector<kUsed>(end - begin, ptrs, written, ahead, [&](S* const* at) {
     V g = L::load(at[1]);
     if (kScaled) {
       g = g / divisor;  // divisor carries the sign when maximize
@@ -158,10 +159,27 @@ inline V divide_by_constant(V x, V c, V reciprocal, V neg_reciprocal) {
   return nan_to(q2, q0);
 }
 
-template <typename C>
-inline bool divides_by_reciprocal(C c) {
-  return c >= C(0x1p-20) && c <= C(1);
-}
+// A divisor shared by a whole tensor, splatted once, with what divide_by_constant needs. Its
+// reciprocal path is used only where it is exact (`exact`); divide() takes the way to divide
+// as a bool or, for a loop that must not branch on it, as a Const below.
+template <typename L>
+struct ConstantDivisor {
+  using V = typename L::Vec;
+  using C = typename L::Scalar;
+  V c, reciprocal, neg_reciprocal;
+  bool exact;  // c in [2^-20, 1]: no residual underflows or overflows
+
+  explicit ConstantDivisor(C divisor)
+      : c(L::splat(divisor)),
+        reciprocal(L::splat(C(1) / divisor)),
+        neg_reciprocal(L::splat(C(-1) / divisor)),
+        exact(divisor >= C(0x1p-20) && divisor <= C(1)) {}
+
+  template <typename ByReciprocal>
+  V divide(V x, ByReciprocal by_reciprocal) const {
+    return by_reciprocal ? divide_by_constant(x, c, reciprocal, neg_reciprocal) : x / c;
+  }
+};
 
 // Whether Adam divides by bias_correction2_sqrt through divide_by_constant. A vector division
 // holds the core's one divider for as long as the square root does, and the FMAs run elsewhere.
@@ -195,10 +213,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   const V beta2 = L::splat(C(k.beta2));
   const V one_minus_beta2 = L::splat(C(k.one_minus_beta2));
   const V eps = L::splat(C(k.eps));
-  const C bc2_sqrt = C(t.bias_correction2_sqrt);
-  const V bias_correction2_sqrt = L::splat(bc2_sqrt);
-  const bool by_reciprocal = divides_by_reciprocal(bc2_sqrt);  // used by 16-bit S only
-  const V reciprocal = L::splat(C(1) / bc2_sqrt), neg_reciprocal = L::splat(C(-1) / bc2_sqrt);
+  const ConstantDivisor<L> bias_correction2_sqrt(C(t.bias_correction2_sqrt));
   const V neg_step_size = L::splat(C(t.neg_step_size));
   const bool maximize = k.maximize;
 
@@ -207,14 +222,15 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
                       static_cast<S*>(t.exp_avg) + begin, static_cast<S*>(t.exp_avg_sq) + begin,
                       kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + begin : param};
   const bool written[5] = {true, false, true, true, kAmsgrad};
+  constexpr int kUsed = kAmsgrad ? 5 : 4;
   const auto ahead = next == nullptr ? Ahead<S, 5>{}
                                      : ahead_of<S>(t, begin, end, *next,
                                                    {next->param, next->grad, next->exp_avg,
                                                     next->exp_avg_sq, next->max_exp_avg_sq},
-                                                   kAmsgrad ? 5 : 4);
+                                                   kUsed);
   // One loop for each way of dividing by bias_correction2_sqrt, neither branching on it.
   const auto run = [&](auto by_reciprocal) {
-    for_each_vector(end - begin, ptrs, written, ahead, [&](S* const* at) {
+    for_each_vector<kUsed>(end - begin, ptrs, written, ahead, [&](S* const* at) {
       V g = L::load(at[1]);
       if (kScaled) {
         g = g / divisor;
@@ -237,15 +253,12 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
         L::store(at[4], v);
       }
       const V root = vsqrt(v);
-      V denom = (by_reciprocal
-                     ? divide_by_constant(root, bias_correction2_sqrt, reciprocal, neg_reciprocal)
-                     : root / bias_correction2_sqrt) +
-                eps;
+      const V denom = bias_correction2_sqrt.divide(root, by_reciprocal) + eps;
       L::store(at[0], p + (neg_step_size * m) / denom);  // addcdiv: self + value * t1 / t2
     });
   };
   if constexpr (kDividesByReciprocal<S>) {
-    if (by_reciprocal) return run(Const<true>{});
+    if (bias_correction2_sqrt.exact) return run(Const<true>{});
   }
   run(Const<false>{});
 }
@@ -253,16 +266,11 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
 // What the 16-bit Adam kernels compute for sqrt(v) / bias_correction2_sqrt, on fp32 arrays.
 inline void divide_by_constant_f32(const float* x, float* out, int64_t n, float c) {
   using L = Lanes<float>;
-  using V = L::Vec;
-  const V divisor = L::splat(c), reciprocal = L::splat(1.0f / c),
-          neg_reciprocal = L::splat(-1.0f / c);
-  const bool by_reciprocal = divides_by_reciprocal(c);
+  const ConstantDivisor<L> divisor(c);
   float* const ptrs[2] = {const_cast<float*>(x), out};
   const bool written[2] = {false, true};
-  for_each_vector(n, ptrs, written, Ahead<float, 2>{}, [&](float* const* at) {
-    const V q = L::load(at[0]);
-    L::store(at[1], by_reciprocal ? divide_by_constant(q, divisor, reciprocal, neg_reciprocal)
-                                  : q / divisor);
+  for_each_vector<2>(n, ptrs, written, Ahead<float, 2>{}, [&](float* const* at) {
+    L::store(at[1], divisor.divide(L::load(at[0]), divisor.exact));
   });
 }
 
@@ -283,7 +291,7 @@ void stream_pass_of(float* const* arrays, int64_t n, float zero) {
     written[s] = s != 1;
   }
   const V z = L::splat(zero);
-  for_each_vector(n, ptrs, written, Ahead<float, N>{}, [&](float* const* at) {
+  for_each_vector<N>(n, ptrs, written, Ahead<float, N>{}, [&](float* const* at) {
     V loaded[N];
     V sum = loaded[0] = L::load(at[0]);
     for (int s = 1; s < N; ++s) sum = sum + (loaded[s] = L::load(at[s]));
