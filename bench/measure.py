@@ -257,9 +257,9 @@ class BandwidthProbe:
     pass reaches depends on its shape (2-core Intel Xeon, 256 MB arrays, medians of 7 passes,
     2026-12-04: 62-65 GB/s over one array, 49-50 over two, 53-55 over three, 53-56 over four,
     51-52 over five; torch's ``x *= c`` 48-49), so the floor of a step is read with a pass of its
-    own shape. Each reading before a case also times torch's ``x *= c``
-    over the first array (``reference_rates``), so a run shows that the pass it calls the floor
-    is not slower than torch's own; a floor read with a slower pass would flatter every step.
+    own shape. Each reading before a case also times torch's ``x *= c`` over the first array
+    (``reference_rates``), so a run shows that the pass it calls the floor is not slower than
+    torch's own: a floor read with a slower pass would flatter every step.
     Without the compiled kernels: torch's ``x *= c``. CUDA: a device copy.
     """
 

@@ -235,12 +235,10 @@ def write_chart(
                 f"{workload} ({rows[0].elements / 1e6:.1f}M elements)",
             )
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    legend_rows = 0
     if timed:  # one legend for every panel, above them all, where it covers no bar
         handles, labels = flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                    bbox_to_anchor=(0.5, 0.97), frameon=False)  # fmt: skip
-        legend_rows = 1
     if e2e:
         ax_time, ax_loss = flat[len(workloads)], flat[len(workloads) + 1]
         names = [e.implementation for e in e2e]
@@ -263,7 +261,8 @@ def write_chart(
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.15 * legend_rows) / (4.2 * rows_n)))
+    head_inches = 0.4 if timed else 0.25  # the title, and the legend under it
+    fig.tight_layout(rect=(0, 0, 1, 1 - head_inches / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
