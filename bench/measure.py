@@ -209,7 +209,8 @@ def measure_bandwidth(
     CPU: in-place read-modify-write passes with torch's vectorised kernels, reading 1 to 3
     streams and writing 1 of them back (``x *= c``, ``x += y``, ``x += c * y * z``); an optimizer
     step reads 3 to 4 streams and writes 1 to 3 of them in place. CUDA: a device-to-device copy.
-    The floor uses the best pattern, so it is the hardest one to beat.
+    A run takes it before and after its cases, as the context of its floors (the best pattern,
+    with the range of every pass it saw); the floors themselves come from BandwidthProbe.
     """
     timing = timing or Timing(warmup=2, min_repeats=7, max_repeats=15, budget_s=0.5)
     gen = torch.Generator(device="cpu").manual_seed(1)
