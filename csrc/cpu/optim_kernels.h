@@ -97,6 +97,30 @@ inline void for_each_vector(int64_t n, S* const (&ptrs)[N], const bool (&written
   }
 }
 
+// The gradient as both optimizers use it: unscaled by grad_scale when the kernel is scaled (a true
+// division, as unscale-then-step divides), and negated when maximize (folded into the divisor
+// when scaled: g / (-s) == -(g / s) exactly).
+template <typename S, bool kScaled>
+struct GradIn {
+  using L = Lanes<S>;
+  using V = typename L::Vec;
+  using C = typename L::Scalar;
+  V divisor, sign;
+  bool maximize;
+
+  template <typename Consts>
+  explicit GradIn(const Consts& k)
+      : divisor(L::splat(C(k.grad_divisor))),
+        sign(L::splat(C(k.grad_sign))),
+        maximize(k.maximize) {}
+
+  V load(const S* at) const {
+    const V g = L::load(at);
+    if (kScaled) return g / divisor;
+    return maximize ? g * sign : g;
+  }
+};
+
 // ---- SGD -------------------------------------------------------------------------------------
 template <typename S, bool kScaled, bool kMomentum>
 void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts& k,
@@ -104,13 +128,12 @@ void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts&
   using L = Lanes<S>;
   using V = typename L::Vec;
   using C = typename L::Scalar;
-  const V divisor = L::splat(C(k.grad_divisor));
-  const V sign = L::splat(C(k.grad_sign));
+  const GradIn<S, kScaled> grad(k);
   const V weight_decay = L::splat(C(k.weight_decay));
   const V momentum = L::splat(C(k.momentum));
   const V one_minus_dampening = L::splat(C(k.one_minus_dampening));
   const V neg_lr = L::splat(C(k.neg_lr));
-  const bool decay = k.weight_decay != 0, maximize = k.maximize;
+  const bool decay = k.weight_decay != 0;
   const bool nesterov = k.nesterov, first = k.is_first_step;
 
   S* const param = static_cast<S*>(t.param) + begin;
@@ -123,12 +146,7 @@ void sgd_kernel(const SgdTensor& t, int64_t begin, int64_t end, const SgdConsts&
                          : ahead_of<S>(t, begin, end, *next,
                                        {next->param, next->grad, next->momentum_buffer}, kUsed);
   for_each_vector<kUsed>(end - begin, ptrs, written, ahead, [&](S* const* at) {
-    V g = L::load(at[1]);
-    if (kScaled) {
-      g = g / divisor;  // divisor carries the sign when maximize
-    } else if (maximize) {
-      g = g * sign;
-    }
+    V g = grad.load(at[1]);
     V p = L::load(at[0]);
     if (decay) g = fmadd(p, weight_decay, g);
     if (kMomentum) {
@@ -201,8 +219,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   using L = Lanes<S>;
   using V = typename L::Vec;
   using C = typename L::Scalar;
-  const V divisor = L::splat(C(k.grad_divisor));
-  const V sign = L::splat(C(k.grad_sign));
+  const GradIn<S, kScaled> grad(k);
   const V weight_decay = L::splat(C(k.weight_decay));
   const V decay_factor = L::splat(C(k.decay_factor));
   // torch's lerp: start + w * (end - start) when |w| < 0.5, else end + (w - 1) * (end - start)
@@ -215,7 +232,6 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   const V eps = L::splat(C(k.eps));
   const ConstantDivisor<L> bias_correction2_sqrt(C(t.bias_correction2_sqrt));
   const V neg_step_size = L::splat(C(t.neg_step_size));
-  const bool maximize = k.maximize;
 
   S* const param = static_cast<S*>(t.param) + begin;
   S* const ptrs[5] = {param, const_cast<S*>(static_cast<const S*>(t.grad)) + begin,
@@ -231,12 +247,7 @@ void adam_kernel(const AdamTensor& t, int64_t begin, int64_t end, const AdamCons
   // One loop for each way of dividing by bias_correction2_sqrt, neither branching on it.
   const auto run = [&](auto by_reciprocal) {
     for_each_vector<kUsed>(end - begin, ptrs, written, ahead, [&](S* const* at) {
-      V g = L::load(at[1]);
-      if (kScaled) {
-        g = g / divisor;
-      } else if (maximize) {
-        g = g * sign;
-      }
+      V g = grad.load(at[1]);
       V p = L::load(at[0]);
       if (kDecay == kDecoupledDecay) p = p * decay_factor;
       if (kDecay == kL2Decay) g = fmadd(p, weight_decay, g);
