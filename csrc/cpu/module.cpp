@@ -82,6 +82,21 @@ bool parse_lr(PyObject* obj, double& out) {
   return true;
 }
 
+// Runs f() with the GIL released, then rethrows what it threw: nothing may leave the GIL-free
+// block by an exception (it would skip re-taking the GIL).
+template <typename F>
+void without_gil(const F& f) {
+  std::exception_ptr error;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    f();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  Py_END_ALLOW_THREADS
+  if (error) std::rethrow_exception(error);
+}
+
 // Check and prepare under the GIL, run the arithmetic without it.
 template <typename Call>
 PyObject* step(const Call& call) {
@@ -93,16 +108,7 @@ PyObject* step(const Call& call) {
         return plan_adam(call);
       }
     }();
-    // Nothing may leave the GIL-free block by an exception (it would skip re-taking the GIL).
-    std::exception_ptr error;
-    Py_BEGIN_ALLOW_THREADS
-    try {
-      run_plan(plan);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    Py_END_ALLOW_THREADS
-    if (error) std::rethrow_exception(error);
+    without_gil([&] { run_plan(plan); });
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
@@ -395,16 +401,10 @@ PyObject* stream_pass(PyObject*, PyObject* arg) {
                  kMaxPassStreams);
     return nullptr;
   }
-  bool failed = false;  // nothing may leave the GIL-free block by an exception
-  Py_BEGIN_ALLOW_THREADS
   try {
-    run_stream_pass(ptrs, static_cast<int>(arrays.size()), arrays[0].numel());
-  } catch (...) {
-    failed = true;
-  }
-  Py_END_ALLOW_THREADS
-  if (failed) {
-    PyErr_SetString(PyExc_RuntimeError, "stream_pass failed");
+    without_gil([&] { run_stream_pass(ptrs, static_cast<int>(arrays.size()), arrays[0].numel()); });
+  } catch (const std::exception& e) {
+    PyErr_Format(PyExc_RuntimeError, "stream_pass: %s", e.what());
     return nullptr;
   }
   Py_RETURN_NONE;
