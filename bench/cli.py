@@ -294,12 +294,13 @@ def _slow_floor_note(threads: int, probes: list[float], references: list[float])
     if not references:
         return None
     ratios = [p / r for p, r in zip(probes, references, strict=True)]
-    slower = sum(r < 1 for r in ratios)
-    if statistics.median(ratios) >= 1:
+    median = statistics.median(ratios)
+    if median >= 1:
         return None
+    slower = sum(r < 1 for r in ratios)
     return (
         f"the floor's pass ({threads} threads) read slower than torch's x *= c beside it in "
-        f"{slower} of {len(ratios)} cases (median {statistics.median(ratios):.2f}x): the "
+        f"{slower} of {len(ratios)} cases (median {median:.2f}x): the "
         "fractions of the floor read too high in this run"
     )
 
