@@ -63,6 +63,23 @@ def sanity_check() -> list[tuple[str, str, str, float]]:
     return results
 
 
+def unusable_builds() -> list[str]:
+    """What was built but cannot run here, each with the reason: a health check's failures.
+    CUDA kernels on a machine without a GPU are not among them (nothing to run them on)."""
+    info = _ops.BUILD_INFO
+    if not info.get("extensions"):
+        return []
+    problems = []
+    reason = _ops.LOAD_ERRORS.get("cpp", "not found")
+    if "cpp" not in _ops.COMPILED and "FUSED_OPT_DISABLE_NATIVE" not in reason:
+        problems.append(f"the CPU kernels were built but do not load: {reason}")
+    if info.get("cuda_version") and "cuda" not in _ops.COMPILED and torch.cuda.is_available():
+        problems.append(
+            f"the CUDA kernels were built but do not load: {_ops.LOAD_ERRORS.get('cuda')}"
+        )
+    return problems
+
+
 def main() -> int:
     info = _ops.BUILD_INFO
     lines = [
@@ -93,8 +110,10 @@ def main() -> int:
         lines.append(
             f"  {name:6s} {backend:6s} {device:5s} {error:.2e}  {'ok' if ok else 'FAILED'}"
         )
+    problems = unusable_builds()
+    lines += [f"FAILED: {problem}" for problem in problems]
     print("\n".join(lines))
-    return 1 if failed else 0
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ node thanks to the fake kernels below.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import struct
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,15 @@ import torch
 
 from . import _torch_kernels
 
-__all__ = ["BUILD_INFO", "COMPILED", "LOAD_ERRORS", "FallbackWarning", "native_module"]
+__all__ = [
+    "BUILD_INFO",
+    "COMPILED",
+    "LOAD_ERRORS",
+    "DamagedBinaryError",
+    "FallbackWarning",
+    "check_elf",
+    "native_module",
+]
 
 _LIB = torch.library.Library("fused_opt", "DEF")
 
@@ -83,6 +95,98 @@ def _torch_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
+class DamagedBinaryError(ImportError):
+    """A compiled module's file is shorter than the segments its ELF headers say it loads."""
+
+
+def check_elf(path: str | os.PathLike[str]) -> None:
+    """Raise DamagedBinaryError unless ``path`` holds every loadable segment its ELF headers name.
+
+    The dynamic loader maps segments without checking the file's length, and touching a page
+    past the end of a truncated file (an interrupted copy, a partly synced network file system)
+    kills the process with SIGBUS: the import must never get that far. Files that are not ELF
+    (macOS, Windows) are left to the loader.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        ident = f.read(16)
+        if not b"\x7fELF".startswith(ident[:4]):
+            return
+        if len(ident) < 16:
+            raise DamagedBinaryError(f"{path} is truncated ({size} bytes)")
+        is64 = ident[4] == 2
+        order = "<" if ident[5] == 1 else ">"
+        header = f.read(48 if is64 else 36)
+        header_format = order + ("HHIQQQIHHHHHH" if is64 else "HHIIIIIHHHHHH")
+        if len(header) < struct.calcsize(header_format):
+            raise DamagedBinaryError(f"{path} is truncated in its ELF header ({size} bytes)")
+        fields = struct.unpack(header_format, header)
+        phoff, phentsize, phnum = fields[4], fields[8], fields[9]
+        if phoff + phentsize * phnum > size:
+            raise DamagedBinaryError(
+                f"{path} is truncated: {size} bytes, its program headers end at "
+                f"{phoff + phentsize * phnum}"
+            )
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    end = 0
+    for i in range(phnum):
+        entry = table[i * phentsize : (i + 1) * phentsize]
+        if is64:
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack(order + "IIQQQQ", entry[:40])
+        else:
+            p_type, p_offset, _, _, p_filesz = struct.unpack(order + "IIIII", entry[:20])
+        if p_type == 1:  # PT_LOAD
+            end = max(end, p_offset + p_filesz)
+    if end > size:
+        raise DamagedBinaryError(
+            f"{path} is truncated: {size} bytes, but its loadable segments end at {end} "
+            "(an interrupted copy or a partly synced file system?); reinstall fused_opt"
+        )
+
+
+def _shadowing_note() -> str | None:
+    """Why no compiled module is found, when this is a source tree that hides an installed
+    fused_opt (Python started in a checkout after a non-editable install): else None."""
+    here = Path(__file__).resolve().parent
+    try:
+        installed = importlib.metadata.distribution("fused_opt").locate_file("fused_opt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    installed = Path(str(installed)).resolve()
+    if installed == here or not (installed / "__init__.py").is_file():
+        return None  # this is the installed package, or an editable install of this tree
+    return (
+        f"the source tree {here} shadows the installed fused_opt in {installed}: Python imports "
+        "the unbuilt sources because it runs from (or has on sys.path) the checkout; run from "
+        "another directory, or build the checkout with `pip install --no-build-isolation -e .`"
+    )
+
+
+def _import_native(module: str) -> Any:
+    """Import a compiled module after checking its file (see check_elf)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModuleNotFoundError(module)
+    if spec.origin and os.path.isfile(spec.origin):
+        check_elf(spec.origin)
+    return importlib.import_module(module)
+
+
+def _note_isa_request(native: Any) -> None:
+    """Warn about a FUSED_OPT_CPU_ISA value this build or CPU cannot honour (the kernels chose the
+    best supported variant): under ``-W error`` on stderr instead, so a bad value of the knob
+    never fails ``import fused_opt``."""
+    note = getattr(native, "isa_request_note", None)
+    if not note:
+        return
+    try:
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
+    except Warning:
+        print(f"RuntimeWarning: {note}", file=sys.stderr)
+
+
 def _load_native() -> None:
     built_for = BUILD_INFO.get("torch_version")
     if built_for and _torch_minor(built_for) != _torch_minor(torch.__version__):
@@ -99,11 +203,15 @@ def _load_native() -> None:
             LOAD_ERRORS[backend] = "no CUDA device is available"
             continue
         try:
-            COMPILED[backend] = importlib.import_module(module)
+            COMPILED[backend] = _import_native(module)
         except ModuleNotFoundError:
             LOAD_ERRORS[backend] = "not built"
+            if not BUILD_INFO and (note := _shadowing_note()):
+                LOAD_ERRORS[backend] = note
         except Exception as exc:  # ImportError, OSError (undefined symbols), RuntimeError
             LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
+    if "cpp" in COMPILED:
+        _note_isa_request(COMPILED["cpp"])
 
 
 def _missing_reasons() -> list[str]:

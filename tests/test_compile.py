@@ -115,8 +115,11 @@ def test_step_compiles_fullgraph_and_matches_eager(name, backend, device):
     opaque = not (backend == "torch" and compiled_here)
     calls = [call.split(".")[1] for call in fused_op_calls(recorder.graphs[-1])]
     assert calls == ([op] if opaque else [])
+    # Bitwise, but for the traced Python kernel: eager it runs torch's fused Adam, which dynamo
+    # does not trace, and compiled its foreach ops; both follow torch.optim within rounding.
+    tolerance = dict(rtol=1e-5, atol=1e-6) if not opaque and op == "adam_" else dict(rtol=0, atol=0)
     for ours, theirs in zip(compiled_params, eager_params, strict=True):
-        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(ours, theirs, **tolerance)
 
 
 def test_inductor_step_matches_eager(backend, device):

@@ -239,7 +239,8 @@ TRAIN_ON_WHATEVER_LOADS = textwrap.dedent("""
         g = torch.randn(10)
         a.grad, b.grad = g.clone(), g.clone()
         ours.step(); theirs.step()
-    print("backend:", ours.backend, "equal:", torch.equal(a, b))
+    # torch.optim within float rounding (the fallback may run torch's fused kernel)
+    print("backend:", ours.backend, "matches:", torch.allclose(a, b, rtol=1e-6, atol=1e-7))
 """)
 
 
@@ -261,7 +262,7 @@ def test_binary_for_another_torch_minor_warns_once_and_runs_torch(wheel_python, 
     assert out.returncode == 0, out.stderr
     assert "warnings: 1" in out.stdout
     assert f"built against torch 2.11.0+cu130 but torch {torch.__version__} is" in out.stdout
-    assert "backend: torch equal: True" in out.stdout
+    assert "backend: torch matches: True" in out.stdout
 
 
 @pytest.mark.wheel
@@ -272,8 +273,8 @@ def test_broken_binary_warns_once_and_runs_torch(wheel_python, sabotaged_copy):
                         PYTHONPATH=str(sabotaged_copy))  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "warnings: 1" in out.stdout
-    assert "ImportError" in out.stdout or "OSError" in out.stdout
-    assert "backend: torch equal: True" in out.stdout
+    assert any(error in out.stdout for error in ("ImportError", "OSError", "DamagedBinaryError"))
+    assert "backend: torch matches: True" in out.stdout
 
 
 # ---- the sdist -------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_pure_python_install_from_the_sdist(sdist, tmp_path):
     out = run_installed(python, code, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "warnings: 1" in out.stdout and "FUSED_OPT_BUILD_EXT=0" in out.stdout
-    assert "backend: torch equal: True" in out.stdout
+    assert "backend: torch matches: True" in out.stdout
     assert "requires: ['torch>=2.4']" in out.stdout
 
 

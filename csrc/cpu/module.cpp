@@ -108,7 +108,7 @@ PyObject* step(const Call& call) {
         return plan_adam(call);
       }
     }();
-    without_gil([&] { run_plan(plan); });
+    if (!call.check_only) without_gil([&] { run_plan(plan); });
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
@@ -204,6 +204,7 @@ PyObject* step_with_param_grads(PyObject* params, Call& call) {
   Py_RETURN_TRUE;
 }
 
+template <bool kCheckOnly>
 PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 12) {
     PyErr_Format(PyExc_TypeError, "fused_opt._C.sgd_ takes 12 positional arguments, got %zd",
@@ -212,6 +213,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[3];
   SgdCall c{};
+  c.check_only = kCheckOnly;
   if (!lists[0].parse(args[0], "params", c.params) || !parse_grads(args[1], lists[1], c.grads) ||
       !lists[2].parse(args[2], "momentum_buffers", c.momentum_buffers) ||
       !parse_double(args[3], c.weight_decay) || !parse_double(args[4], c.momentum) ||
@@ -224,6 +226,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return args[1] == Py_None ? step_with_param_grads(args[0], c) : step(c);
 }
 
+template <bool kCheckOnly>
 PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 16) {
     PyErr_Format(PyExc_TypeError, "fused_opt._C.adam_ takes 16 positional arguments, got %zd",
@@ -232,6 +235,7 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   thread_local PyTensorList lists[6];
   AdamCall c{};
+  c.check_only = kCheckOnly;
   if (!lists[0].parse(args[0], "params", c.params) || !parse_grads(args[1], lists[1], c.grads) ||
       !lists[2].parse(args[2], "exp_avgs", c.exp_avgs) ||
       !lists[3].parse(args[3], "exp_avg_sqs", c.exp_avg_sqs) ||
@@ -296,6 +300,20 @@ PyObject* grads_of(PyObject*, PyObject* params) {
   Py_DECREF(grads);
   Py_DECREF(missing);
   return result;
+}
+
+// ---- same_items ------------------------------------------------------------------------------
+// Whether two lists hold the same objects, by identity: a cached plan checks at every step that
+// its group's params are still the ones it was built for (about 1 ns a param; in Python, 40).
+PyObject* same_items(PyObject*, PyObject* args) {
+  PyObject *a, *b;
+  if (!PyArg_ParseTuple(args, "O!O!:same_items", &PyList_Type, &a, &PyList_Type, &b))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(a);
+  if (PyList_GET_SIZE(b) != n) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (PyList_GET_ITEM(a, i) != PyList_GET_ITEM(b, i)) Py_RETURN_FALSE;
+  Py_RETURN_TRUE;
 }
 
 // ---- observers ---------------------------------------------------------------------------------
@@ -416,15 +434,24 @@ PyMethodDef kMethods[] = {
     {"isa_active", isa_active, METH_NOARGS, "The variant the CPU kernels use now."},
     {"set_isa", set_isa, METH_O,
      "Use the named variant (None: the best supported); returns the active one."},
-    {"sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct)), METH_FASTCALL,
+    {"sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct<false>)),
+     METH_FASTCALL,
      "sgd_(params, grads, momentum_buffers, weight_decay, momentum, lr, dampening, nesterov, "
      "maximize, is_first_step, grad_scale, found_inf): fused_opt::sgd_ on CPU tensors, called "
      "directly (eager mode only: no dispatcher, no torch.compile tracing)."},
-    {"adam_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(adam_direct)),
+    {"adam_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(adam_direct<false>)),
      METH_FASTCALL,
      "adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, "
      "weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf): "
      "fused_opt::adam_ on CPU tensors, called directly (eager mode only)."},
+    {"check_sgd_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sgd_direct<true>)),
+     METH_FASTCALL,
+     "check_sgd_(...): sgd_()'s checks alone, changing nothing (True once checked, False when "
+     "grads=None and the grads cannot be read here)."},
+    {"check_adam_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(adam_direct<true>)),
+     METH_FASTCALL, "check_adam_(...): adam_()'s checks alone, changing nothing."},
+    {"same_items", same_items, METH_VARARGS,
+     "same_items(a, b): whether lists a and b hold the same objects in the same order."},
     {"observed", observed, METH_NOARGS,
      "Whether a torch function or dispatch mode, the profiler or any RecordFunction callback may "
      "watch op calls made now."},
@@ -447,12 +474,15 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&kModule);
   if (module == nullptr) return nullptr;
-  // FUSED_OPT_CPU_ISA=baseline|avx2|avx512 forces a variant (tests, comparisons).
-  if (const char* message = select_isa(std::getenv("FUSED_OPT_CPU_ISA"))) {
-    if (PyErr_WarnEx(PyExc_RuntimeWarning, message, 1) != 0) {
-      Py_DECREF(module);
-      return nullptr;
-    }
+  // FUSED_OPT_CPU_ISA=baseline|avx2|avx512 forces a variant (tests, comparisons). A value this
+  // CPU cannot run is reported by fused_opt._ops as a warning after the import (isa_request_note):
+  // a warning raised here would fail the import under -W error and lose the kernels.
+  const char* message = select_isa(std::getenv("FUSED_OPT_CPU_ISA"));
+  PyObject* note = message != nullptr ? PyUnicode_FromString(message) : Py_NewRef(Py_None);
+  if (note == nullptr || PyModule_AddObject(module, "isa_request_note", note) != 0) {
+    Py_XDECREF(note);
+    Py_DECREF(module);
+    return nullptr;
   }
   return module;
 }

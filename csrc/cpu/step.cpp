@@ -338,6 +338,7 @@ SgdPlan plan_sgd(const SgdCall& call) {
     if (!call.momentum_buffers.empty()) prefetch_metadata(call.momentum_buffers[i], level);
   };
   prepare_each(n, prepare, prefetch);
+  if (call.check_only) return skip_step(kOp, call.found_inf), skipped(plan);
   if (!laid_out_like_params.load())
     for (size_t i = 0; i < n; ++i) fill(i, true);
   const int64_t total = assign_starts(work);
@@ -426,6 +427,7 @@ AdamPlan plan_adam(const AdamCall& call) {
       prefetch_metadata((*list)[i], level);
   };
   prepare_each(n, prepare, prefetch);
+  if (call.check_only) return skip_step(kOp, call.found_inf), skipped(plan);
   if (!laid_out_like_params.load())
     for (size_t i = 0; i < n; ++i) fill(i, true);
   const int64_t total = assign_starts(work);

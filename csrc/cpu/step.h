@@ -33,6 +33,7 @@ struct SgdCall {
   bool nesterov, maximize, is_first_step;
   const at::Tensor* grad_scale;  // null when absent
   const at::Tensor* found_inf;
+  bool check_only = false;  // plan_sgd() checks every tensor, then returns a plan that runs nothing
 };
 
 struct AdamCall {
@@ -41,6 +42,7 @@ struct AdamCall {
   bool amsgrad, maximize, decoupled_weight_decay;
   const at::Tensor* grad_scale;
   const at::Tensor* found_inf;
+  bool check_only = false;
 };
 
 template <typename Work, typename Consts>
@@ -63,7 +65,9 @@ inline void prefetch_tensor_impl(const c10::TensorImpl* impl) {
     __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
 }
 
-// Throw c10::Error (RuntimeError in Python) on bad input, before modifying anything.
+// Throw c10::Error (RuntimeError in Python) on bad input, before modifying anything. With
+// check_only set they check and return a plan that runs nothing: a step over several calls checks
+// all of them before the first one writes.
 SgdPlan plan_sgd(const SgdCall& call);
 AdamPlan plan_adam(const AdamCall& call);
 

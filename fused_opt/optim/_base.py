@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
+import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+from torch.optim.optimizer import (
+    _device_dtype_check_for_fused,
+    _global_optimizer_post_hooks,
+    _global_optimizer_pre_hooks,
+)
 
-from .. import _backends, _ops
+from .. import _backends, _ops, _torch_kernels
 from ..functional import _is_compiling, _observed, grads_of, hyper_names, kernel, on_device
 from . import _state
 
@@ -102,11 +108,54 @@ _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 
 
+def same_members(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether lists ``a`` and ``b`` hold the same tensors (by identity) in the same order."""
+    native = _ops.native_module("cpp")
+    if native is not None and type(a) is list and type(b) is list and not _is_compiling():
+        return native.same_items(a, b)
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def kernel_takes(p: Tensor) -> bool:
+    """Whether the cpp kernels step ``p`` in place: dense memory (any order) of plain values.
+    Under backend="auto" other params go to the torch backend; a forced "cpp" refuses them."""
+    if _is_compiling():  # dynamo does not trace is_neg(); a compiled step has no such views
+        return _torch_kernels.dense(p)
+    return _torch_kernels.dense(p) and not (p.is_neg() or p.is_conj())
+
+
+def check_number(value: Any, name: str, tensor_error: type[Exception] = RuntimeError) -> None:
+    """Raise the exception torch.optim's for-loop step raises on this hyper-parameter, before
+    the step changes anything: TypeError for what is no number, ``tensor_error`` for a tensor
+    of several elements (RuntimeError where torch tests its truth or broadcasts it, TypeError
+    where it passes it as a Number argument, as it does ``lr``)."""
+    if type(value) is float or type(value) is int:
+        return
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise tensor_error(
+                f"{name} must be a number or a one-element tensor, got a tensor of "
+                f"{value.numel()} elements"
+            )
+    elif not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+
+
+class Call(NamedTuple):
+    """One kernel call: lr, the tensor lists and the keyword-only arguments in the schema's
+    order, and what to do once it ran (store state the step created)."""
+
+    lr: float | Tensor
+    tensor_lists: tuple
+    hyper: tuple
+    done: Callable[[], None] | None = None
+
+
 class Bucket:
     """The params of one group on one device with one dtype, and their state, ready for a kernel."""
 
-    __slots__ = ("device", "kernels", "directs", "index", "owners", "params", "state", "viewed",
-                 "first_step", "reads_grads")  # fmt: skip
+    __slots__ = ("device", "kernels", "directs", "checks", "op", "index", "owners", "params",
+                 "state", "viewed", "first_step", "reads_grads")  # fmt: skip
 
     def __init__(
         self,
@@ -119,10 +168,14 @@ class Bucket:
         first_step: bool,
     ) -> None:
         self.device = device
+        self.op = op
         # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
         self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
         # Their direct entry points (eager cpp kernels), else None: see FusedOptimizer._run.
         self.directs = tuple(getattr(k, "direct", None) for k in self.kernels)
+        # The cpp kernels' checks alone (check_sgd_ / check_adam_), else None: see check().
+        native = _ops.native_module("cpp")
+        self.checks = getattr(native, f"check_{op}") if self.directs[0] is not None else None
         self.index = index  # positions in group["params"]
         self.owners = owners  # the params themselves (state keys)
         self.viewed = any(_needs_view(p) for p in owners)
@@ -141,31 +194,56 @@ class Bucket:
         grads = all_grads if whole_group else [all_grads[i] for i in self.index]
         return [kernel_view(g) for g in grads] if self.viewed else grads
 
+    _LIST_NAMES = {
+        "sgd_": ("grads", "momentum_buffers"),
+        "adam_": ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+    }
+
+    def check(self, call: Call) -> bool:
+        """Raise RuntimeError, changing nothing, where this bucket's kernel would refuse ``call``;
+        False when the grads are to be read by the kernel and cannot be (a param without one)."""
+        if self.checks is not None and not _observed():
+            return self.checks(*call.tensor_lists, *call.hyper)
+        params, *others = call.tensor_lists
+        if others[0] is None:
+            return False
+        named = dict(zip(self._LIST_NAMES[self.op], others, strict=True))
+        _torch_kernels.check_tensor_lists(self.op, params, **named)
+        return True
+
 
 class Plan:
-    """A group's buckets, valid while its params list, the set of params with grads and the
-    optimizer's state dicts (see _state.py) hold."""
+    """A group's buckets, valid while its params list holds the same params, the set of params
+    with grads and the optimizer's state dicts (see _state.py) hold.
 
-    __slots__ = ("params", "size", "missing", "flags", "buckets", "whole_group", "reads_grads",
-                 "stale", "sparse", "generation")  # fmt: skip
+    ``by_torch_optim``: the positions of the params that torch.optim's own for-loop step
+    updates instead of a kernel (see FusedOptimizer._torch_optim_step). ``stale``: rebuilt at
+    the next step (it was made for this step's grads alone, or the step creates state).
+    """
+
+    __slots__ = ("params", "members", "missing", "flags", "buckets", "whole_group",
+                 "reads_grads", "stale", "by_torch_optim", "generation")  # fmt: skip
 
     def __init__(self, params: list[Tensor], missing: list[int], flags: tuple,
-                 buckets: list[Bucket], sparse: bool = False) -> None:  # fmt: skip
+                 buckets: list[Bucket], by_torch_optim: list[int] | None = None,
+                 stale: bool = False) -> None:  # fmt: skip
         self.params = params
-        self.sparse = sparse  # the group has sparse grads: rebuilt at every step
-        self.size = len(params)
+        # A copy: `group["params"][i] = new_param` changes the list in place, and the new param
+        # must then be trained, as torch.optim's step would.
+        self.members = list(params)
         self.missing = missing
         self.flags = flags
         self.buckets = buckets
+        self.by_torch_optim = by_torch_optim or []
         # One bucket over every param of the group: the grads list is passed as it is.
-        self.whole_group = len(buckets) == 1 and not missing
+        self.whole_group = len(buckets) == 1 and not missing and not self.by_torch_optim
         # ... and its kernel may read the grads itself, which it does while every param has one.
         self.reads_grads = self.whole_group and buckets[0].reads_grads
-        self.stale = sparse
+        self.stale = stale
         self.generation = _state.generation()
 
     def fits(self, params: list[Tensor], missing: list[int], flags: tuple) -> bool:
-        return (not self.stale and self.params is params and self.size == len(params)
+        return (not self.stale and self.params is params and same_members(params, self.members)
                 and self.missing == missing and self.flags == flags
                 and self.generation == _state.generation())  # fmt: skip
 
@@ -200,39 +278,59 @@ class FusedOptimizer:
     def _has_state(self, state: dict[str, Any]) -> bool:
         return len(state) > 0
 
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        """Raise what torch.optim's step raises on the group's hyper-parameters (written into
+        ``param_groups`` after construction), before anything changes."""
+        raise NotImplementedError
+
     def _state_lists(
         self, group: dict[str, Any], owners: list[Tensor]
     ) -> tuple[list[list[Tensor]], bool]:
         """The kernel's state lists for ``owners``, and whether this step creates their state."""
         raise NotImplementedError
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
-        """Runs the bucket's kernel (through _run); grads=None (when bucket.reads_grads): the
-        kernel reads them from the params and returns whether it could."""
+    def _call(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+              grad_scale: Tensor | None, found_inf: Tensor | None) -> Call | None:  # fmt: skip
+        """The bucket's kernel call (None: this step is skipped); grads=None (when
+        bucket.reads_grads): the kernel reads them from the params."""
         raise NotImplementedError
 
-    def _run(self, bucket: Bucket, lr: float | Tensor, tensor_lists: tuple, hyper: tuple) -> Any:
-        """Calls the bucket's kernel on ``tensor_lists`` with ``hyper``, the op's keyword-only
-        arguments in the schema's order (_hyper_names).
+    def _by_torch_optim(self, p: Tensor, grad: Tensor) -> bool:
+        """Whether torch.optim's for-loop step must update ``p`` (with ``grad``) at this step:
+        what it accepts and the kernels do not (SGD's sparse grads, a grad of another dtype)."""
+        return False
+
+    def _state_by_torch_optim(self, state: dict[str, Any]) -> bool:
+        """Whether a param's state is one only torch.optim's for-loop step takes: a sparse
+        tensor (SGD's momentum after sparse grads), an int64 ``step`` loaded from a checkpoint."""
+        return any(isinstance(t, Tensor) and t.layout != torch.strided for t in state.values())
+
+    def _run(self, bucket: Bucket, call: Call) -> Any:
+        """Runs ``call`` on the bucket's kernel.
 
         In a step that nothing watches, a cpp kernel is called through its direct entry point
-        with ``hyper`` as it is, without asking again and without keywords: 13-21 us less a
-        step with the caches cold, as after a backward pass (of 65-135 for one small param),
-        1 us less warm (of 4.5).
+        with the hyper-parameters as they are, without asking again and without keywords:
+        13-21 us less a step with the caches cold, as after a backward pass (of 65-135 for one
+        small param), 1 us less warm (of 4.5).
         """
-        tensor_lr = isinstance(lr, Tensor)
+        tensor_lr = isinstance(call.lr, Tensor)
         direct = bucket.directs[tensor_lr]
         if direct is not None and self._unobserved:
-            return direct(*tensor_lists, *hyper)
-        keywords = dict(zip(self._hyper_names, hyper, strict=True))
-        return bucket.kernels[tensor_lr](*tensor_lists, **keywords)
+            done = direct(*call.tensor_lists, *call.hyper)
+        else:
+            keywords = dict(zip(self._hyper_names, call.hyper, strict=True))
+            done = bucket.kernels[tensor_lr](*call.tensor_lists, **keywords)
+        if call.done is not None and done is not False:
+            call.done()
+        return done
 
-    # Sparse grads: groups that have them run torch.optim's own step (SGD), or are refused.
+    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
+        call = self._call(group, bucket, grads, grad_scale, found_inf)
+        return None if call is None else self._run(bucket, call)
+
+    # SGD trains with sparse grads (nn.Embedding(sparse=True)) through torch.optim's own step.
     _supports_sparse = False
-
-    def _sparse_step(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def _check_dense(self, grads: list[Tensor | None]) -> None:
         for g in grads:
@@ -241,6 +339,30 @@ class FusedOptimizer:
                     f"{type(self).__name__} does not support sparse gradients"
                     + (", please consider SparseAdam instead" if self._op == "adam_" else "")
                 )
+
+    def _twin_step(self) -> Callable[..., Any]:
+        """torch.optim's own ``step`` of the class this one stands in for, without the hooks:
+        torch wraps it with them once one of its instances exists, and ours run already."""
+        twin = next(c for c in type(self).__mro__
+                    if c.__module__.startswith("torch.optim") and "step" in c.__dict__)  # fmt: skip
+        step = twin.__dict__["step"]
+        while getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step
+
+    def _torch_optim_step(self, group: dict[str, Any], index: list[int]) -> None:
+        """torch.optim's for-loop step (its default on the CPU) over the group's params at
+        ``index``, in order: for what the kernels do not take, as torch.optim takes it."""
+        params = group["params"]
+        sub = dict(group, params=[params[i] for i in index], foreach=False, fused=False)
+        if "capturable" in sub and all(params[i].device.type == "cpu" for i in index):
+            sub["capturable"] = False  # torch's capturable path refuses CPU tensors
+        groups = self.param_groups  # type: ignore[attr-defined]
+        self.param_groups = [sub]
+        try:
+            self._twin_step()(self)
+        finally:
+            self.param_groups = groups
 
     # ---- torch.optim.Optimizer overrides --------------------------------------------------
     @staticmethod
@@ -353,8 +475,9 @@ class FusedOptimizer:
         """
         for group in self.param_groups:  # type: ignore[attr-defined]
             if group["differentiable"]:
-                # Gradients through the update itself: torch.optim's own implementation runs.
-                return super().step(closure)  # type: ignore[misc]
+                # Gradients through the update itself: torch.optim's own implementation runs
+                # (its hooks have run: they wrap this step).
+                return self._twin_step()(self, closure)
         loss = None
         if closure is not None:
             self._unobserved = False  # the closure might start something that watches
@@ -376,39 +499,81 @@ class FusedOptimizer:
         return loss
 
     def _step_groups(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step of every param group, grad mode off."""
+        """The step of every param group, grad mode off.
+
+        Every check comes before the first write: the hyper-parameters of all groups, then
+        the tensors of every bucket. One bucket in all is checked by its kernel, which checks
+        everything before it writes; several are checked first, each by its kernel's checks.
+        When a check fails, the careful path looks at each grad (sparse grads, grads of another
+        dtype go to torch.optim's own step) and checks again: a real error then raises.
+        """
+        groups = self.param_groups  # type: ignore[attr-defined]
+        for group in groups:
+            self._check_hyper(group)
         moved: tuple[dict, dict] = ({}, {})
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            params = group["params"]
-            flags = self._plan_flags(group)
+        careful = False
+        if len(groups) == 1:
+            group = groups[0]
             plan = self._plans.get(id(group))
-            if plan is not None and plan.reads_grads and plan.fits(params, [], flags):
+            if (plan is not None and plan.reads_grads
+                    and plan.fits(group["params"], [], self._plan_flags(group))):  # fmt: skip
                 bucket = plan.buckets[0]
                 scale, inf = (on_device(grad_scale, bucket.device, moved[0]),
                               on_device(found_inf, bucket.device, moved[1]))  # fmt: skip
-                if self._launch(group, bucket, None, scale, inf):
-                    continue  # every param had a grad, and the kernel read them
-            grads, missing = grads_of(params)
-            if plan is None or not plan.fits(params, missing, flags):
-                plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
-            elif len(plan.buckets) > 1 and any(g is not None and g.is_sparse for g in grads):
-                # Each kernel refuses sparse grads itself, but a group spanning several
-                # buckets must be handled whole, before its first bucket writes: the plan
-                # builder owns the policy (torch.optim's step for SGD, an error otherwise).
-                plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags)
-            if plan.sparse:
-                self._sparse_step(group)
+                try:
+                    if self._launch(group, bucket, None, scale, inf):
+                        return  # every param had a grad, and the kernel read them
+                except RuntimeError:
+                    careful = True  # refused before it changed anything: see below
+        while True:
+            work = [self._prepare(group, careful) for group in groups]
+            calls = [[self._call(group, bucket, bucket.grads(grads, plan.whole_group),
+                                 on_device(grad_scale, bucket.device, moved[0]),
+                                 on_device(found_inf, bucket.device, moved[1]))
+                      for bucket in plan.buckets] for group, plan, grads in work]  # fmt: skip
+            # One kernel call in all checks its tensors itself before it writes.
+            one_kernel = all(not plan.by_torch_optim for _, plan, _ in work) and (
+                sum(len(plan.buckets) for _, plan, _ in work) == 1
+            )
+            if not _is_compiling() and (careful or not one_kernel):
+                try:
+                    for (_, plan, _), group_calls in zip(work, calls, strict=True):
+                        for bucket, call in zip(plan.buckets, group_calls, strict=True):
+                            if call is not None:
+                                bucket.check(call)
+                except RuntimeError:
+                    if careful:
+                        raise
+                    careful = True
+                    continue
+            try:
+                self._run_all(work, calls)
+            except RuntimeError:
+                if careful or not one_kernel:
+                    raise
+                careful = True  # the kernel refused before it changed anything
                 continue
-            for bucket in plan.buckets:
-                self._launch(
-                    group,
-                    bucket,
-                    bucket.grads(grads, plan.whole_group),
-                    on_device(grad_scale, bucket.device, moved[0]),
-                    on_device(found_inf, bucket.device, moved[1]),
-                )
+            return
+
+    def _run_all(self, work: list[tuple[dict, Plan, list]], calls: list[list[Call | None]]) -> None:
+        for (group, plan, _), group_calls in zip(work, calls, strict=True):
+            if plan.by_torch_optim:
+                self._torch_optim_step(group, plan.by_torch_optim)
+            for bucket, call in zip(plan.buckets, group_calls, strict=True):
+                if call is not None:
+                    self._run(bucket, call)
                 if bucket.first_step:
                     plan.stale = True  # the state it created changes the buckets
+
+    def _prepare(self, group: dict[str, Any], careful: bool) -> tuple[dict, Plan, list]:
+        """The group, its plan for this step and its grads."""
+        params = group["params"]
+        grads, missing = grads_of(params)
+        flags = self._plan_flags(group)
+        plan = self._plans.get(id(group))
+        if careful or plan is None or not plan.fits(params, missing, flags):
+            plan = self._plans[id(group)] = self._build_plan(group, grads, missing, flags, careful)
+        return group, plan, grads
 
     # ---- the plan ---------------------------------------------------------------------------
     def _lay_out_state_like_params(self, owners: list[Tensor]) -> None:
@@ -423,31 +588,63 @@ class FusedOptimizer:
                 continue
             state = self.state.get(p, {})  # type: ignore[attr-defined]
             for key, t in state.items():
-                if (isinstance(t, Tensor) and t.shape == p.shape and t.stride() != p.stride()
+                if (isinstance(t, Tensor) and t.layout == torch.strided and t.shape == p.shape
+                        and t.stride() != p.stride()
                         and not (t.is_contiguous() and p.is_contiguous())):  # fmt: skip
                     state[key] = torch.empty_like(
                         p, dtype=t.dtype, device=t.device, memory_format=torch.preserve_format
                     ).copy_(t)
 
     def _build_plan(self, group: dict[str, Any], grads: list[Tensor | None], missing: list[int],
-                    flags: tuple) -> Plan:  # fmt: skip
+                    flags: tuple, careful: bool = False) -> Plan:  # fmt: skip
+        """The group's buckets; ``careful``: this step's grads are looked at one by one too, and
+        the plan serves this step alone."""
         params = group["params"]
         with_grad = [i for i, g in enumerate(grads) if g is not None]
-        if self._supports_sparse and any(grads[i].is_sparse for i in with_grad):  # type: ignore[union-attr]
-            return Plan(params, missing, flags, [], sparse=True)
-        self._check_dense(grads)  # before any state is created
+        if careful and any(self._by_torch_optim(params[i], grads[i]) for i in with_grad):  # type: ignore[arg-type]
+            # torch.optim's step, for this step: e.g. SGD over an embedding's sparse grads.
+            return Plan(params, missing, flags, [], with_grad, stale=True)
+        if not self._supports_sparse:
+            self._check_dense(grads)  # before any state is created
+        if group.get("fused"):
+            # torch.optim's fused=True refuses params of other devices (meta, say); so do we,
+            # though our kernels run whatever `fused` says.
+            for i in with_grad:
+                _device_dtype_check_for_fused(params[i])
+        if len(set(map(id, params))) != len(params):
+            # A param listed twice: torch.optim warns, then steps it twice, in order.
+            counts: dict[int, int] = {}
+            for p in params:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+            by_torch_optim = [i for i in with_grad if counts[id(params[i])] > 1]
+        else:
+            by_torch_optim = []
+        by_torch_optim += [i for i in with_grad if i not in by_torch_optim
+                           and self._state_by_torch_optim(self.state.get(params[i], {}))]  # type: ignore[attr-defined]  # fmt: skip
+        taken = set(by_torch_optim)
         by_key: dict[tuple, list[int]] = {}
         for i in with_grad:
+            if i in taken:
+                continue
             p = params[i]
             has_state = self._has_state(self.state.get(p, {}))  # type: ignore[attr-defined]
-            by_key.setdefault((p.device, p.dtype, has_state), []).append(i)
+            backend = _backends.resolve(self._backend_request, p.device)
+            if backend == "cpp" and not kernel_takes(p):
+                if self._backend_request != "auto":
+                    raise RuntimeError(
+                        f"fused_opt: backend 'cpp' cannot step params[{i}] of shape "
+                        f"{tuple(p.shape)} and strides {p.stride()}: its memory is not dense "
+                        "(or it is a lazy neg/conj view); backend='auto' steps it with the "
+                        "torch backend"
+                    )
+                backend = "torch"  # memory the kernels cannot step in place: foreach ops can
+            by_key.setdefault((p.device, p.dtype, has_state, backend), []).append(i)
         buckets = []
-        for (device, _, _), index in by_key.items():
+        for (device, _, _, backend), index in by_key.items():
             owners = [params[i] for i in index]
             self._lay_out_state_like_params(owners)
             state_lists, first_step = self._state_lists(group, owners)
-            backend = _backends.resolve(self._backend_request, device)
             buckets.append(
                 Bucket(device, self._op, backend, index, owners, state_lists, first_step)
             )
-        return Plan(params, missing, flags, buckets)
+        return Plan(params, missing, flags, buckets, sorted(by_torch_optim), stale=careful)

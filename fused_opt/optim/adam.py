@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Bucket, FusedOptimizer, state_like, zero_scalars
+from ._base import Bucket, Call, FusedOptimizer, check_number, state_like, zero_scalars
 
 __all__ = ["Adam", "AdamW"]
 
@@ -57,13 +57,31 @@ class _AdamFamily(FusedOptimizer):
         ]
         return lists, bool(fresh)
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        check_number(lr, "lr", TypeError)
+        beta1, beta2 = group["betas"]
+        check_number(beta1, "betas[0]")
+        check_number(beta2, "betas[1]")
+        check_number(group["weight_decay"], "weight_decay")
+        check_number(group["eps"], "eps")
+        if float(beta1) == 1 and not isinstance(lr, Tensor):
+            # torch.optim divides lr by the bias correction 1 - beta1 ** step, here 0.
+            raise ZeroDivisionError("float division by zero (betas[0] == 1)")
+
+    def _state_by_torch_optim(self, state: dict[str, Any]) -> bool:
+        step = state.get("step")
+        return super()._state_by_torch_optim(state) or (
+            isinstance(step, Tensor) and not step.is_floating_point()
+        )
+
+    def _call(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+              grad_scale: Tensor | None, found_inf: Tensor | None) -> Call:  # fmt: skip
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
         lr = group["lr"]
-        return self._run(bucket, lr, (
+        return Call(lr, (
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         ), (
             lr, float(beta1), float(beta2), float(group["weight_decay"]), group["eps"],

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import Bucket, FusedOptimizer, kernel_view, state_like
+from ._base import Bucket, Call, FusedOptimizer, check_number, kernel_view, state_like
 
 __all__ = ["SGD"]
 
@@ -50,29 +49,27 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         self._step_supports_amp_scaling = not differentiable
 
     # torch.optim.SGD trains with sparse grads (nn.Embedding(sparse=True)); so do we, through
-    # its own implementation for the groups that have them.
+    # its own step for the params that have them.
     _supports_sparse = True
 
-    def _sparse_step(self, group: dict[str, Any]) -> None:
-        if group["weight_decay"] != 0:
+    def _by_torch_optim(self, p: Tensor, grad: Tensor) -> bool:
+        # torch's for-loop promotes a grad of another dtype; the kernels take the param's.
+        return grad.is_sparse or grad.dtype != p.dtype
+
+    def _torch_optim_step(self, group: dict[str, Any], index: list[int]) -> None:
+        params = group["params"]
+        if group["weight_decay"] != 0 and any(params[i].grad.is_sparse for i in index):
             # torch.optim.SGD fails here too, but only after updating the params before.
             raise RuntimeError(
                 "SGD with weight_decay does not support sparse gradients: "
                 "add(sparse, dense) is not supported"
             )
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        buffers: list[Tensor | None] = []
-        has_sparse_grad = torch.optim.SGD._init_group(self, group, params, grads, buffers)
-        torch_sgd(
-            params, grads, buffers, weight_decay=group["weight_decay"],
-            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-            nesterov=group["nesterov"], maximize=group["maximize"],
-            has_sparse_grad=has_sparse_grad, foreach=False, fused=False,
-        )  # fmt: skip
-        if group["momentum"] != 0:
-            for p, buffer in zip(params, buffers, strict=True):
-                self.state[p]["momentum_buffer"] = buffer
+        super()._torch_optim_step(group, index)
+
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        check_number(group["lr"], "lr", TypeError)
+        for name in ("weight_decay", "momentum", "dampening"):
+            check_number(group[name], name)
 
     def _plan_flags(self, group: dict[str, Any]) -> tuple:
         return (group["momentum"] != 0,)
@@ -85,15 +82,15 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     ) -> tuple[list[list[Tensor]], bool]:
         if group["momentum"] == 0:
             return [[]], False
-        buffers = [self.state[p].get("momentum_buffer") for p in owners]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in owners]
         if all(b is not None for b in buffers):
             return [buffers], False
-        return [[]], True  # created by _launch, once the step is known to happen
+        return [[]], True  # created by _call, once the step is known to happen
 
-    def _launch(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
-                grad_scale: Tensor | None, found_inf: Tensor | None) -> bool | None:  # fmt: skip
+    def _call(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
+              grad_scale: Tensor | None, found_inf: Tensor | None) -> Call | None:  # fmt: skip
         (buffers,) = bucket.state
-        new_buffers: list[Tensor] = []
+        done = None
         if bucket.first_step:
             # A skipped first step must not leave buffers behind (torch's fused SGD does, and
             # its next step then reads uninitialised memory): one host sync, at first steps only.
@@ -101,12 +98,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return None
             new_buffers = state_like(bucket.owners)
             buffers = [kernel_view(b) for b in new_buffers] if bucket.viewed else new_buffers
+
+            def done() -> None:
+                for p, buffer in zip(bucket.owners, new_buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+
         lr = group["lr"]
-        done = self._run(bucket, lr, (bucket.params, grads, buffers), (
+        return Call(lr, (bucket.params, grads, buffers), (
             float(group["weight_decay"]), group["momentum"], lr, group["dampening"],
             group["nesterov"], group["maximize"], bucket.first_step, grad_scale, found_inf,
-        ))  # fmt: skip
-        if bucket.first_step:
-            for p, buffer in zip(bucket.owners, new_buffers, strict=True):
-                self.state[p]["momentum_buffer"] = buffer
-        return done
+        ), done)  # fmt: skip
