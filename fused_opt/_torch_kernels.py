@@ -1,8 +1,10 @@
 """Pure-PyTorch kernels of the fused ops: the ``torch`` backend and the fallback on every device.
 
-They follow torch.optim's foreach implementation op for op, with one difference shared by all our
-backends: fp16/bf16 tensors are computed in fp32 and rounded once on store, as the fused kernels
-do, instead of being rounded after every op. Inputs are checked before anything is modified.
+Where torch's own fused CPU kernels give torch.optim's results (see _TORCH_FUSED_DTYPES) they
+run: torch.optim's fastest mode. Elsewhere the code follows torch.optim's foreach implementation
+op for op, with one difference shared by all our backends: fp16/bf16 tensors are computed in fp32
+and rounded once on store, as the fused kernels do, instead of being rounded after every op.
+Inputs are checked before anything is modified.
 
 On the CPU a step runs in blocks of about _BLOCK_ELEMENTS elements per tensor list, a large
 tensor cut into parts: each foreach op is a pass over its tensors, and over a block that stays in
