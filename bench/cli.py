@@ -2,7 +2,8 @@
 
 Modes: default (< 5 min on 2 cores), --quick (< 1 min), --full (more sizes, dtypes and thread
 counts). Progress goes to stderr; the table to stdout; JSON, Markdown and a PNG chart to
-bench/results/<date>_<machine>_<mode>.*
+bench/runs/<date>_<machine>_<mode>.* (ignored by git; the curated reference results are in
+bench/results/).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .implementations import discover
 from .measure import NOISY_SPREAD, BandwidthProbe, Timing, measure_bandwidth
 from .workloads import DTYPES, OPTIMIZERS, WORKLOADS, bytes_per_element
 
-RESULTS_DIR = Path(__file__).with_name("results")
+# Ordinary runs: ignored by git. A reference result is copied to bench/results/ by hand.
+RESULTS_DIR = Path(__file__).with_name("runs")
 MAIN_OPTIMIZERS = ("sgd-momentum", "sgd-nesterov", "adam", "adamw")
 SGD_AND_ADAMW = ("sgd-momentum", "adamw")
 # The end-to-end loss curves differ only by float rounding; more than this is a real difference.
