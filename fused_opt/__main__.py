@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -70,9 +71,10 @@ def unusable_builds() -> list[str]:
     if not info.get("extensions"):
         return []
     problems = []
-    reason = _ops.LOAD_ERRORS.get("cpp", "not found")
-    if "cpp" not in _ops.COMPILED and "FUSED_OPT_DISABLE_NATIVE" not in reason:
-        problems.append(f"the CPU kernels were built but do not load: {reason}")
+    if "cpp" not in _ops.COMPILED and os.environ.get("FUSED_OPT_DISABLE_NATIVE") != "1":
+        problems.append(
+            f"the CPU kernels were built but do not load: {_ops.LOAD_ERRORS.get('cpp')}"
+        )
     if info.get("cuda_version") and "cuda" not in _ops.COMPILED and torch.cuda.is_available():
         problems.append(
             f"the CUDA kernels were built but do not load: {_ops.LOAD_ERRORS.get('cuda')}"

@@ -82,8 +82,8 @@ def check_tensor_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> 
 # Where torch's own fused kernels give torch.optim's results, by (op, device type): the dtypes.
 # torch 2.13's fused CPU SGD leaves bf16/fp16 params unchanged but for each one's last
 # (numel % 32) elements; every fused CPU kernel is wrong on params that are not dense (a
-# strided slice). There the foreach code below runs. Elsewhere (CUDA: the steps of a
-# non-capturable Adam live on the CPU) too.
+# strided slice). There, and on other devices (on CUDA a non-capturable Adam keeps its steps on
+# the CPU, which torch's CUDA kernel refuses), the foreach code below runs.
 _TORCH_FUSED_DTYPES = {
     ("adam_", "cpu"): (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     ("sgd_", "cpu"): (torch.float32, torch.float64),
@@ -215,11 +215,12 @@ def sgd_(
     weight_decay, momentum, dampening = float(weight_decay), float(momentum), float(dampening)
     if not params or _skip_step(found_inf):
         return
+    # torch's kernel unscales the grads in place: with a grad_scale the foreach code runs.
     if grad_scale is None and _torch_fused_runs("sgd_", [params, grads, momentum_buffers]):
         torch._fused_sgd_(
             params, grads, momentum_buffers, weight_decay=weight_decay, momentum=momentum, lr=lr,
             dampening=dampening, nesterov=nesterov, maximize=maximize,
-            is_first_step=is_first_step, grad_scale=grad_scale,
+            is_first_step=is_first_step,
         )  # fmt: skip
         return
     for _, (ps, gs, bufs) in _blocks([params, grads, momentum_buffers]):
@@ -316,20 +317,20 @@ def adam_(
     if not params or _skip_step(found_inf):
         return
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    if (
+    # torch's kernel unscales the grads in place: with a grad_scale the foreach code runs.
+    torch_fused = (
         grad_scale is None
         and _torch_fused_runs("adam_", lists)
         and all(s.is_floating_point() for s in steps)
-    ):
-        torch._foreach_add_(steps, 1)
+    )
+    torch._foreach_add_(steps, 1)
+    if torch_fused:
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         fused(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
             beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-            grad_scale=grad_scale,
         )  # fmt: skip
         return
-    torch._foreach_add_(steps, 1)
     step_counts = [s.item() for s in steps]
     for index, (ps, gs, ms, vs, vmaxs) in _blocks(lists):
         counts = [step_counts[i] for i in index]

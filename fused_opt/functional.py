@@ -6,6 +6,7 @@ The optimizer classes cache the grouping across steps and call ``kernel()``'s ch
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,14 @@ class _DirectInEager:
         return self.direct(*tensor_lists, *self.positional(hyper))
 
 
+@functools.cache
+def list_names(op: str) -> tuple[str, ...]:
+    """The names of the tensor lists ``op`` ("sgd_" or "adam_") takes after ``params``, in the
+    schema's order: how its checks name them."""
+    schema = getattr(torch.ops.fused_opt, op).default._schema
+    return tuple(arg.name for arg in schema.arguments if not arg.kwarg_only)[1:]
+
+
 def hyper_names(op: Any) -> tuple[str, ...]:
     """The keyword-only arguments of ``op`` (an overload of fused_opt's ops), in the schema's
     order: the order in which the direct entry points take them."""
@@ -116,10 +125,8 @@ def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | N
     return cache[device]
 
 
-def _grouped(
-    tensor_lists: list[list[Tensor]], names: tuple[str, ...]
-) -> dict[tuple, list[list[Tensor]]]:
-    """The lists split by (device, dtype) of the params (``names`` name the lists after params)."""
+def _grouped(tensor_lists: list[list[Tensor]], op: str) -> dict[tuple, list[list[Tensor]]]:
+    """``op``'s lists split by (device, dtype) of the params."""
     lengths = [len(tensors) for tensors in tensor_lists]
     if lengths[1] != lengths[0] or any(n not in (0, lengths[0]) for n in lengths[2:]):
         raise RuntimeError(f"fused_opt: tensor lists of lengths {lengths} do not match params")
@@ -132,7 +139,7 @@ def _grouped(
     if len(groups) > 1:
         # Each kernel checks its own lists; check them all before the first one writes.
         for params, *others in groups.values():
-            named = dict(zip(names, others, strict=True))
+            named = dict(zip(list_names(op), others, strict=True))
             _torch_kernels.check_tensor_lists("step", params, **named)
     return groups
 
@@ -156,9 +163,7 @@ def sgd(
     """One SGD step over tensor lists (``momentum_buffers`` empty when momentum == 0)."""
     requested = _backends.normalize(backend)
     moved: dict[str, dict] = {"scale": {}, "inf": {}}
-    for (device, _), (p, g, buf) in _grouped(
-        [params, grads, momentum_buffers], ("grads", "momentum_buffers")
-    ).items():
+    for (device, _), (p, g, buf) in _grouped([params, grads, momentum_buffers], "sgd_").items():
         kernel("sgd_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=lr,
             dampening=dampening, nesterov=nesterov, maximize=maximize,
@@ -192,9 +197,7 @@ def adam(
     requested = _backends.normalize(backend)
     moved: dict[str, Any] = {"scale": {}, "inf": {}}
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
-    for (device, _), (p, g, m, v, vmax, s) in _grouped(
-        lists, ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
-    ).items():
+    for (device, _), (p, g, m, v, vmax, s) in _grouped(lists, "adam_").items():
         kernel("adam_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
             p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
             eps=eps, amsgrad=amsgrad, maximize=maximize,

@@ -9,6 +9,7 @@ collect the grads and one op call per bucket.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import numbers
@@ -25,7 +26,15 @@ from torch.optim.optimizer import (
 )
 
 from .. import _backends, _ops, _torch_kernels
-from ..functional import _is_compiling, _observed, grads_of, hyper_names, kernel, on_device
+from ..functional import (
+    _is_compiling,
+    _observed,
+    grads_of,
+    hyper_names,
+    kernel,
+    list_names,
+    on_device,
+)
 from . import _state
 
 try:  # FSDP2 shards params as DTensors; the kernels work on the local shards.
@@ -194,11 +203,6 @@ class Bucket:
         grads = all_grads if whole_group else [all_grads[i] for i in self.index]
         return [kernel_view(g) for g in grads] if self.viewed else grads
 
-    _LIST_NAMES = {
-        "sgd_": ("grads", "momentum_buffers"),
-        "adam_": ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
-    }
-
     def check(self, call: Call) -> bool:
         """Raise RuntimeError, changing nothing, where this bucket's kernel would refuse ``call``;
         False when the grads are to be read by the kernel and cannot be (a param without one)."""
@@ -207,7 +211,7 @@ class Bucket:
         params, *others = call.tensor_lists
         if others[0] is None:
             return False
-        named = dict(zip(self._LIST_NAMES[self.op], others, strict=True))
+        named = dict(zip(list_names(self.op), others, strict=True))
         _torch_kernels.check_tensor_lists(self.op, params, **named)
         return True
 
@@ -611,16 +615,13 @@ class FusedOptimizer:
             # though our kernels run whatever `fused` says.
             for i in with_grad:
                 _device_dtype_check_for_fused(params[i])
-        if len(set(map(id, params))) != len(params):
-            # A param listed twice: torch.optim warns, then steps it twice, in order.
-            counts: dict[int, int] = {}
-            for p in params:
-                counts[id(p)] = counts.get(id(p), 0) + 1
-            by_torch_optim = [i for i in with_grad if counts[id(params[i])] > 1]
-        else:
-            by_torch_optim = []
-        by_torch_optim += [i for i in with_grad if i not in by_torch_optim
-                           and self._state_by_torch_optim(self.state.get(params[i], {}))]  # type: ignore[attr-defined]  # fmt: skip
+        # A param listed twice (torch.optim warns, then steps it twice, in order) or with state
+        # only torch.optim takes: torch.optim's step.
+        counts = collections.Counter(map(id, params))
+        by_torch_optim = [
+            i for i in with_grad if counts[id(params[i])] > 1
+            or self._state_by_torch_optim(self.state.get(params[i], {}))  # type: ignore[attr-defined]
+        ]  # fmt: skip
         taken = set(by_torch_optim)
         by_key: dict[tuple, list[int]] = {}
         for i in with_grad:
@@ -647,4 +648,4 @@ class FusedOptimizer:
             buckets.append(
                 Bucket(device, self._op, backend, index, owners, state_lists, first_step)
             )
-        return Plan(params, missing, flags, buckets, sorted(by_torch_optim), stale=careful)
+        return Plan(params, missing, flags, buckets, by_torch_optim, stale=careful)
