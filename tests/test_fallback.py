@@ -108,9 +108,14 @@ BLOCKED_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "one-transposed"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", list(BLOCKED_CASES))
-def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, monkeypatch):
+def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, layout, monkeypatch):
+    # Contiguous lists of one dtype take the fast paths (torch's fused kernels; low-precision
+    # SGD in fp32 vectors, its state read in place where it lies end to end); a transposed
+    # param sends the call through the foreach code. Reloaded state tensors each have their
+    # own memory (no span to read in place): they too change no bit.
     import torch
 
     import fused_opt
@@ -119,12 +124,13 @@ def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, monkeypatch):
     name, options = BLOCKED_CASES[case]
     dt = getattr(torch, dtype)
 
-    def run(block: int, module=fused_opt, **backend: str) -> list:
+    def run(block: int, module=fused_opt, reload: bool = False, **backend: str) -> list:
         monkeypatch.setattr(_torch_kernels, "_BLOCK_ELEMENTS", block)
         gen = torch.Generator().manual_seed(0)
-        shapes = [(1000,), (37,), (64, 33), (), (0,), (3, 700)]
+        shapes = [(1000,), (37,), (64, 33), (), (0,), (3, 700), (16,), (16,)]
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dt)) for s in shapes]
-        params.append(torch.nn.Parameter(torch.randn(40, 30, generator=gen).to(dt).t()))
+        if layout == "one-transposed":
+            params.append(torch.nn.Parameter(torch.randn(40, 30, generator=gen).to(dt).t()))
         opt = getattr(module, name)(params, **backend, **options)
         for step in range(4):
             for i, p in enumerate(params):
@@ -132,15 +138,19 @@ def test_the_torch_backends_cpu_blocks_change_no_bit(case, dtype, monkeypatch):
                 skip = step == 0 and i == 1
                 p.grad = None if skip else torch.randn(p.shape, generator=gen).to(dt)
             opt.step()
+            if reload and step == 1:
+                state_dict = opt.state_dict()
+                opt = getattr(module, name)(params, **backend, **options)
+                opt.load_state_dict(state_dict)
         state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
         return [p.detach() for p in params] + state
 
     whole = run(1 << 40, backend="torch")
-    for block in (5, 64, 999):
-        blocked = run(block, backend="torch")
+    for block, reload in ((5, False), (64, False), (999, False), (64, True)):
+        blocked = run(block, reload=reload, backend="torch")
         assert len(blocked) == len(whole)
         for a, b in zip(blocked, whole, strict=True):
-            assert torch.equal(a, b), (block, a, b)
+            assert torch.equal(a, b), (block, reload, a, b)
     if dt == torch.float32:  # and the blocks follow the oracle, step counts and all
         oracle = run(5, torch.optim, foreach=False)
         for a, b in zip(blocked, oracle, strict=True):
@@ -166,3 +176,29 @@ def test_the_torch_backend_steps_leaf_params_with_grad_mode_on(numel):
         state = [[torch.zeros(numel)], [torch.zeros(numel)], [], [torch.tensor(0.0)]]
         functional.adam([q], [torch.ones(numel)], *state, lr=0.1, backend=backend)
         torch.testing.assert_close(q.detach(), torch.full((numel,), 0.9))
+
+
+def test_the_torch_backend_reads_adjacent_tensors_of_two_allocations_one_by_one():
+    """Low-precision SGD reads a block's state as one vector where it lies end to end in one
+    storage; tensors of two storages that merely touch in memory are read one by one."""
+    import torch
+
+    from fused_opt import functional
+
+    def step(buffers: list) -> list:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(50, generator=gen).bfloat16() for _ in range(2)]
+        grads = [torch.randn(50, generator=gen).bfloat16() for _ in range(2)]
+        for b in buffers:
+            b.copy_(torch.randn(50, generator=gen))
+        functional.sgd(params, grads, buffers, lr=0.1, momentum=0.9, is_first_step=False,
+                       backend="torch")  # fmt: skip
+        return params + buffers
+
+    memory = bytearray(200)  # two storages over adjacent halves of one buffer
+    adjacent = [torch.frombuffer(memory, dtype=torch.bfloat16, count=50, offset=k * 100)
+                for k in range(2)]  # fmt: skip
+    assert adjacent[1].data_ptr() == adjacent[0].data_ptr() + 100
+    separate = [torch.zeros(50, dtype=torch.bfloat16) for _ in range(2)]
+    for a, b in zip(step(adjacent), step(separate), strict=True):
+        assert torch.equal(a, b)
