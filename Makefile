@@ -45,7 +45,7 @@ test: install cuda-check
 bench: install
 	$(PY) -m bench $(ARGS)
 
-# Every CUDA source must compile for sm_80 and sm_90, also on machines without a GPU.
+# Every CUDA source must compile for the archs of a default build, also without a GPU.
 cuda-check:
 	bash tools/check_cuda.sh
 

@@ -6,8 +6,10 @@ Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py
                                        is found; 0: pure-Python package (torch backend only).
   FUSED_OPT_CUDA        auto | 1 | 0   compile the CUDA kernels. auto (default): when nvcc and a
                                        CUDA build of torch are present; 1: fail if they are not.
-  TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0+PTX"  CUDA archs; unset: the visible GPUs', or without one
-                                       DEFAULT_CUDA_ARCHS below.
+  TORCH_CUDA_ARCH_LIST  e.g. "8.0;9.0"  CUDA archs; unset: every arch the installed torch was
+                                       built for (else FALLBACK_CUDA_ARCHS) that nvcc can build.
+                                       The newest always gets PTX too, so newer GPUs can JIT it.
+  CUDA_HOME             path           the CUDA toolkit; unset: the one `nvcc --dryrun` names.
   FUSED_OPT_CPU_ISAS    e.g. "avx2"    SIMD variants to compile besides the portable baseline
                                        (default: those of avx2, avx512, avx512bf16 on x86-64
                                        that the compiler can build).
@@ -31,13 +33,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent
 VERSION = "0.1.0"
-DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"  # A100, H100/H200, B200 (+PTX for newer GPUs)
+# torch's cu130 wheels' archs, T4 to RTX 50xx: the default when torch does not say its own.
+FALLBACK_CUDA_ARCHS = ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")
 X86_ISAS = ("avx2", "avx512", "avx512bf16")
 
 
@@ -202,13 +206,95 @@ def with_isa_objects(build_ext_class):
 
 
 # ---- CUDA kernels (csrc/cuda) ------------------------------------------------------------------
-def cuda_extension(root: Path, choice: str, default_archs: str):
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit: CUDA_HOME (or CUDA_PATH) if set, else the one the `nvcc` on PATH runs.
+
+    torch guesses the toolkit as the folder above `nvcc`, which is wrong when `nvcc` is a
+    wrapper script (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): the build would
+    then fail late, with `cuda_runtime.h: No such file`. `nvcc --dryrun` names the real one.
+    Exits with a message when the toolkit named or found lacks its headers.
+    """
+    named = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if named:
+        home = Path(named)
+        source = "CUDA_HOME"
+    else:
+        nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+        if nvcc is None:
+            return None
+        home = nvcc_toolkit(nvcc) or Path(nvcc).resolve().parent.parent
+        source = f"the toolkit of {nvcc}"
+    if not (home / "include" / "cuda_runtime.h").is_file() or not (home / "bin" / "nvcc").is_file():
+        sys.exit(
+            f"setup.py: {source} ({home}) has no include/cuda_runtime.h or bin/nvcc; set "
+            "CUDA_HOME to the CUDA toolkit (the folder with bin/nvcc and include/), or "
+            "FUSED_OPT_CUDA=0 to build without the CUDA kernels"
+        )
+    return home.resolve()
+
+
+def nvcc_toolkit(nvcc: str) -> Path | None:
+    """The toolkit folder `nvcc --dryrun` reports (its TOP), or None."""
+    with tempfile.TemporaryDirectory() as work:
+        source = Path(work, "empty.cu")
+        source.write_text("")
+        try:
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-c", str(source), "-o", str(Path(work, "empty.o"))],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return Path(match.group(1).strip()).resolve() if match else None
+
+
+def nvcc_archs(nvcc: str) -> set[str] | None:
+    """The archs ("9.0", ...) this nvcc builds SASS for, or None if it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
+    except OSError:
+        return None
+    codes = re.findall(r"sm_(\d+)(?![a-z\d])", out.stdout)
+    return {f"{int(c) // 10}.{int(c) % 10}" for c in codes} or None
+
+
+def torch_cuda_archs(torch) -> list[str]:  # noqa: ANN001
+    """The archs the installed CUDA torch was built for (asking needs no GPU), oldest first."""
+    get_flags = getattr(torch._C, "_cuda_getArchFlags", None)
+    flags = (get_flags() if get_flags else None) or ""
+    codes = {int(c) for c in re.findall(r"(?:sm|compute)_(\d+)(?![a-z\d])", flags)}
+    archs = [f"{c // 10}.{c % 10}" for c in sorted(codes)]
+    return archs or list(FALLBACK_CUDA_ARCHS)
+
+
+def cuda_arch_list(requested: str, torch_archs: list[str], buildable: set[str] | None) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST's entries: ``requested`` (else torch's archs that nvcc builds), the
+    newest with +PTX. Exits naming any arch nvcc cannot build or that predates Volta (7.0),
+    whose large kernel-parameter space the launches rely on."""
+    names = [a for a in requested.replace(" ", ";").split(";") if a]
+    archs = [a.removesuffix("+PTX") for a in names]
+    if not archs:
+        archs = [a for a in torch_archs if buildable is None or a in buildable]
+    too_old = [a for a in archs if re.match(r"[0-6]\.", a)]
+    if too_old:
+        sys.exit(f"setup.py: CUDA archs {too_old} predate Volta (7.0), which the kernels need")
+    base = {a: re.match(r"\d+\.\d", a).group(0) if re.match(r"\d+\.\d", a) else a for a in archs}
+    if buildable is not None and (unknown := [a for a in archs if base[a] not in buildable]):
+        sys.exit(
+            f"setup.py: this nvcc cannot build CUDA archs {unknown} (it builds "
+            f"{', '.join(sorted(buildable, key=float))}); drop them from TORCH_CUDA_ARCH_LIST"
+        )
+    archs = sorted(set(archs), key=lambda a: [int(x) for x in re.findall(r"\d+", a)])
+    return archs[:-1] + [archs[-1] + "+PTX"]
+
+
+def cuda_extension(root: Path, choice: str):
     """The fused_opt._C_cuda extension, or None when CUDA is not built.
 
     Returns (extension, cuda_version, archs). Needs a CUDA build of torch and a CUDA toolkit
-    (CUDA_HOME or nvcc on PATH); FUSED_OPT_CUDA=1 makes their absence an error, 0 skips CUDA.
-    The archs are TORCH_CUDA_ARCH_LIST, else the visible GPUs', else ``default_archs``; all must
-    be Volta (7.0) or newer, whose large kernel-parameter space the launches rely on.
+    (find_cuda_home); FUSED_OPT_CUDA=1 makes their absence an error, 0 skips CUDA. The archs:
+    see cuda_arch_list.
     """
     if choice == "0":
         return None
@@ -216,30 +302,29 @@ def cuda_extension(root: Path, choice: str, default_archs: str):
     from torch.utils import cpp_extension
 
     problems = []
+    home = find_cuda_home() if torch.version.cuda else None
     if not torch.version.cuda:
         problems.append(f"torch {torch.__version__} is not a CUDA build")
-    elif cpp_extension.CUDA_HOME is None:
+    elif home is None:
         problems.append("no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
     if problems:
         if choice == "1":
             sys.exit("setup.py: FUSED_OPT_CUDA=1 but " + " and ".join(problems))
         print(f"setup.py: CUDA kernels not built: {' and '.join(problems)}", file=sys.stderr)
         return None
+    # torch's builder reads the toolkit from its module (guessed when imported) and the env.
+    os.environ["CUDA_HOME"] = str(home)
+    cpp_extension.CUDA_HOME = str(home)
 
-    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
+    nvcc = str(home / "bin" / "nvcc")
     version_text = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", version_text)
     cuda_version = match.group(1) if match else torch.version.cuda
 
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if not archs and torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        visible = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        archs = ";".join(f"{major}.{minor}" for major, minor in sorted(visible)) + "+PTX"
-    archs = archs or default_archs
-    arch_list = [a for a in archs.replace(" ", ";").split(";") if a]
-    too_old = [a for a in arch_list if re.match(r"[0-6]\.", a)]  # named archs are Volta+
-    if too_old:
-        sys.exit(f"setup.py: CUDA archs {too_old} predate Volta (7.0), which the kernels need")
+    arch_list = cuda_arch_list(
+        os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip(), torch_cuda_archs(torch),
+        nvcc_archs(nvcc),
+    )  # fmt: skip
     # torch's builder reads the list from the environment (and fails without a GPU if unset).
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_list)
 
@@ -282,7 +367,7 @@ def main() -> None:
             cuda_archs=[],
         )
         ext_modules.append(cpu_extension(ROOT, isas))
-        cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"), DEFAULT_CUDA_ARCHS)
+        cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"))
         if cuda is not None:
             extension, cuda_version, archs = cuda
             ext_modules.append(extension)

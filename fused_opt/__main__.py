@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -23,11 +24,27 @@ def _cpu_report() -> list[str]:
     ]
 
 
+def _device_problems() -> dict[int, str | None]:
+    """cuda:index -> why the CUDA kernels cannot run there (None: they run), per visible GPU."""
+    if not _ops.cuda_ready():
+        return {}
+    with warnings.catch_warnings():  # the report says it; no FallbackWarning on top
+        warnings.simplefilter("ignore", _ops.FallbackWarning)
+        return {
+            i: _ops.cuda_problem(torch.device("cuda", i)) for i in range(torch.cuda.device_count())
+        }
+
+
 def _cuda_report() -> list[str]:
-    if "cuda" in _ops.COMPILED:
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return [f"  cuda     loaded; devices: {', '.join(names)}"]
-    return [f"  cuda     not loaded: {_ops.LOAD_ERRORS.get('cuda', 'not built')}"]
+    if not _ops.cuda_ready():
+        return [f"  cuda     not loaded: {_ops.LOAD_ERRORS.get('cuda', 'not built')}"]
+    lines = ["  cuda     loaded"]
+    for i, problem in _device_problems().items():
+        major, minor = torch.cuda.get_device_capability(i)
+        status = "runs the CUDA kernels" if problem is None else f"torch backend: {problem}"
+        lines.append(f"           cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor}): "
+                     f"{status}")  # fmt: skip
+    return lines
 
 
 def _sanity_devices() -> list[str]:
@@ -48,6 +65,7 @@ def sanity_check() -> list[tuple[str, str, str, float]]:
             b
             for b in fused_opt.available_backends()
             if b in ("torch", "cpp" if device == "cpu" else "cuda")
+            and not (b == "cuda" and _device_problems().get(torch.cuda.current_device()))
         ]
         for name, (ours, theirs, kwargs) in cases.items():
             for backend in backends:
@@ -75,10 +93,13 @@ def unusable_builds() -> list[str]:
         problems.append(
             f"the CPU kernels were built but do not load: {_ops.LOAD_ERRORS.get('cpp')}"
         )
-    if info.get("cuda_version") and "cuda" not in _ops.COMPILED and torch.cuda.is_available():
+    if info.get("cuda_version") and not _ops.cuda_ready() and torch.cuda.is_available():
         problems.append(
             f"the CUDA kernels were built but do not load: {_ops.LOAD_ERRORS.get('cuda')}"
         )
+    for i, problem in _device_problems().items():
+        if problem is not None:
+            problems.append(f"cuda:{i}: {problem}")
     return problems
 
 

@@ -32,6 +32,9 @@ __all__ = [
     "DamagedBinaryError",
     "FallbackWarning",
     "check_elf",
+    "cuda_problem",
+    "cuda_ready",
+    "kernel_registered",
     "native_module",
 ]
 
@@ -79,9 +82,11 @@ def _read_build_info() -> dict[str, Any]:
 
 BUILD_INFO: dict[str, Any] = _read_build_info()
 
-# Which compiled libraries loaded ("cpp", "cuda") and why the others did not.
+# Which compiled libraries loaded ("cpp", "cuda") and why the others did not. "cuda" enters
+# when a CUDA device is first asked for (cuda_ready): until then its module waits here.
 COMPILED: dict[str, Any] = {}
 LOAD_ERRORS: dict[str, str] = {}
+_cuda_module: Any | None = None
 
 _NATIVE_MODULES = {"cpp": "fused_opt._C", "cuda": "fused_opt._C_cuda"}
 _REMEDY = (
@@ -198,12 +203,13 @@ def _load_native() -> None:
             LOAD_ERRORS[backend] = reason
         return
     for backend, module in _NATIVE_MODULES.items():
-        if backend == "cuda" and not torch.cuda.is_available():
-            # Kernels built but nothing to run them on: not an error worth a warning.
-            LOAD_ERRORS[backend] = "no CUDA device is available"
-            continue
         try:
-            COMPILED[backend] = _import_native(module)
+            loaded = _import_native(module)
+            if backend == "cuda":  # usable once a device is seen: see cuda_ready()
+                global _cuda_module
+                _cuda_module = loaded
+            else:
+                COMPILED[backend] = loaded
         except ModuleNotFoundError:
             LOAD_ERRORS[backend] = "not built"
             if not BUILD_INFO and (note := _shadowing_note()):
@@ -221,9 +227,19 @@ def _missing_reasons() -> list[str]:
     reasons = []
     if "cpp" not in COMPILED:
         reasons.append(f"the CPU kernels did not load ({LOAD_ERRORS.get('cpp', 'not built')})")
-    if BUILD_INFO.get("cuda_version") and torch.cuda.is_available() and "cuda" not in COMPILED:
+    if BUILD_INFO.get("cuda_version") and _cuda_module is None and _gpus_visible():
         reasons.append(f"the CUDA kernels did not load ({LOAD_ERRORS.get('cuda')})")
     return reasons
+
+
+def _gpus_visible() -> bool:
+    """Whether NVML sees a GPU: asked at import, where torch.cuda.is_available() would
+    initialise the driver (a forked worker then cannot use CUDA). False if NVML cannot say."""
+    count_nvml = getattr(torch.cuda, "_device_count_nvml", None)
+    try:
+        return count_nvml is not None and count_nvml() > 0
+    except Exception:  # no NVML library, no driver
+        return False
 
 
 def _warn_if_missing() -> None:
@@ -247,4 +263,64 @@ _warn_if_missing()
 
 def native_module(backend: str) -> Any | None:
     """The loaded extension module of a compiled backend, or None."""
+    if backend == "cuda":
+        cuda_ready()
     return COMPILED.get(backend)
+
+
+def kernel_registered(device_type: str) -> bool:
+    """Whether a compiled kernel serves the ops' dispatch key of ``device_type``: importing
+    _C_cuda registers the CUDA kernels, whether or not a GPU is there to run them."""
+    if device_type == "cuda":
+        return _cuda_module is not None
+    return device_type == "cpu" and "cpp" in COMPILED
+
+
+def cuda_ready() -> bool:
+    """Whether the CUDA kernels can run in this process: built, loaded and a CUDA device seen.
+
+    Asked when something first needs CUDA, never at import: torch.cuda.is_available()
+    initialises the driver, and a process forked after that cannot use CUDA (DataLoader
+    workers, multiprocessing). Puts "cuda" in COMPILED, or its reason in LOAD_ERRORS.
+    """
+    if "cuda" in COMPILED:
+        return True
+    if _cuda_module is None or not torch.cuda.is_available():
+        LOAD_ERRORS.setdefault("cuda", "no CUDA device is available")
+        return False
+    COMPILED["cuda"] = _cuda_module
+    LOAD_ERRORS.pop("cuda", None)
+    return True
+
+
+# cuda:index -> why the CUDA kernels cannot run there (None: they can), asked once per device.
+_DEVICE_PROBLEMS: dict[int, str | None] = {}
+
+
+def cuda_problem(device: torch.device) -> str | None:
+    """Why the CUDA kernels cannot run on ``device`` (None: they can): the binary holds no code
+    its GPU can run (no SASS for its arch, no PTX it can JIT). The first refusal on a device
+    warns with a FallbackWarning; the optimizers then step that device with the torch backend,
+    which a launch's "no kernel image is available" would otherwise have stopped."""
+    if not cuda_ready():
+        return LOAD_ERRORS.get("cuda", "not built")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_PROBLEMS:
+        problem = COMPILED["cuda"].kernel_image_problem(index)
+        if problem is not None:
+            major, minor = torch.cuda.get_device_capability(index)
+            archs = ", ".join(BUILD_INFO.get("cuda_archs") or ["?"])
+            problem = (
+                f"the CUDA kernels hold no code for cuda:{index} "
+                f"({torch.cuda.get_device_name(index)}, sm_{major}{minor}; built for {archs}): "
+                f"{problem}"
+            )
+            warnings.warn(
+                f"fused_opt: {problem}; the pure-PyTorch backend runs on that device instead. "
+                f"Rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor} (or install a wheel built "
+                "for it), or set FUSED_OPT_BACKEND=torch to silence this warning.",
+                FallbackWarning,
+                stacklevel=4,
+            )
+        _DEVICE_PROBLEMS[index] = problem
+    return _DEVICE_PROBLEMS[index]

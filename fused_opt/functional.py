@@ -18,8 +18,6 @@ from . import _backends, _ops, _torch_kernels
 
 __all__ = ["adam", "kernel", "sgd"]
 
-_DEVICE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
-
 
 # Bound once: each step asks, and looking it up through the torch module costs microseconds
 # when a backward pass has left the interpreter's data out of the caches.
@@ -106,7 +104,7 @@ def kernel(
     When the torch backend is forced on a device that has a compiled kernel, the pure-PyTorch
     kernel is called directly.
     """
-    if backend == "torch" and _DEVICE_BACKEND.get(device.type) in _ops.COMPILED:
+    if backend == "torch" and _ops.kernel_registered(device.type):
         return getattr(_torch_kernels, op)
     packet = getattr(torch.ops.fused_opt, op)
     overload = packet.tensor_lr if tensor_lr else packet.default

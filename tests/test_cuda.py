@@ -72,7 +72,7 @@ def _nvcc() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit)")
-def test_cuda_sources_compile_for_sm80_and_sm90():
+def test_cuda_sources_compile_for_every_default_arch():
     result = subprocess.run(
         ["bash", str(ROOT / "tools" / "check_cuda.sh")],
         capture_output=True,
@@ -838,3 +838,290 @@ def test_grads_laid_out_unlike_their_param_are_read_through_a_copy():
     for mine, theirs in zip(ours, ref, strict=True):
         for a, b in zip(mine, theirs, strict=True):
             torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+# ---- without a GPU: how the CUDA backend is found and refused ---------------------------------
+def test_import_and_a_cpu_step_ask_cuda_nothing():
+    # torch.cuda.is_available() initialises the driver: a process forked after it (a DataLoader
+    # worker) cannot use CUDA. Importing fused_opt and stepping CPU params must not ask.
+    code = """
+import torch
+calls = []
+def spy(name, real):
+    def call(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+    return call
+for name in ("is_available", "device_count", "init", "current_device"):
+    setattr(torch.cuda, name, spy(name, getattr(torch.cuda, name)))
+import fused_opt
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+for cls in (fused_opt.SGD, fused_opt.AdamW):
+    cls([p], lr=0.1).step()
+print(calls)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+class _FakeCudaModule:
+    """fused_opt._C_cuda as _ops sees it, on GPUs that are not there."""
+
+    def __init__(self, problems: dict[int, str | None]) -> None:
+        self.problems = problems
+
+    def kernel_image_problem(self, index: int) -> str | None:
+        return self.problems[index]
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Pretend GPUs: each index maps to the binary's problem there (None: it runs). The ones
+    with a problem are sm_121, the others sm_90; the build holds 9.0+PTX."""
+
+    def install(problems: dict[int, str | None]) -> None:
+        monkeypatch.setattr(_ops, "_cuda_module", _FakeCudaModule(problems))
+        monkeypatch.setattr(
+            _ops, "COMPILED", {k: v for k, v in _ops.COMPILED.items() if k != "cuda"}
+        )
+        monkeypatch.setattr(_ops, "LOAD_ERRORS", {})
+        monkeypatch.setattr(_ops, "_DEVICE_PROBLEMS", {})
+        info = {**_ops.BUILD_INFO, "extensions": True, "cuda_version": "13.0",
+                "cuda_archs": ["9.0+PTX"]}  # fmt: skip
+        monkeypatch.setattr(_ops, "BUILD_INFO", info)
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "device_count", lambda: len(problems))
+        monkeypatch.setattr(cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(cuda, "get_device_name", lambda i=None: f"Fake GPU {i}")
+        monkeypatch.setattr(cuda, "get_device_capability",
+                            lambda i=None: (12, 1) if problems[i] else (9, 0))  # fmt: skip
+
+    return install
+
+
+def test_a_gpu_the_binary_has_no_code_for_runs_the_torch_backend_after_one_warning(fake_gpus):
+    import warnings
+
+    from fused_opt import __main__, _backends, functional
+
+    no_image = "no kernel image is available for execution on the device"
+    fake_gpus({0: no_image, 1: None})
+    with pytest.warns(_ops.FallbackWarning, match=r"cuda:0 \(Fake GPU 0, sm_121; built for 9\.0"):
+        assert _backends.resolve("auto", torch.device("cuda:0")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per device, not per step
+        assert _backends.resolve("auto", torch.device("cuda:0")) == "torch"
+        assert _backends.resolve("auto", torch.device("cuda:1")) == "cuda"
+        assert _backends.resolve("cuda", torch.device("cuda:1")) == "cuda"
+    with pytest.raises(RuntimeError, match=f"cannot run on cuda:0: .*{no_image}"):
+        _backends.resolve("cuda", torch.device("cuda:0"))
+    assert "cuda" in fused_opt.available_backends()
+    # The dispatcher would send cuda:0's tensors to the CUDA kernel: the torch backend's
+    # kernel is called directly instead.
+    assert functional.kernel("adam_", "torch", torch.device("cuda:0"), False) is (
+        _torch_kernels.adam_
+    )
+    # python -m fused_opt fails the node, naming the device.
+    (problem,) = [p for p in __main__.unusable_builds() if p.startswith("cuda:")]
+    assert problem.startswith("cuda:0: ") and "sm_121" in problem
+
+
+def test_cuda_kernels_built_but_no_gpu_is_no_error(fake_gpus, monkeypatch):
+    from fused_opt import __main__, _backends
+
+    fake_gpus({})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "cuda" not in fused_opt.available_backends()
+    assert _ops.LOAD_ERRORS["cuda"] == "no CUDA device is available"
+    assert _backends.resolve("auto", torch.device("cpu")) in ("cpp", "torch")
+    assert not [p for p in __main__.unusable_builds() if "CUDA" in p or p.startswith("cuda:")]
+
+
+# ---- with a GPU: what the first GPU must confirm ----------------------------------------------
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+@pytest.mark.cuda
+@requires_cuda
+def test_a_capturable_step_makes_no_host_sync(name):
+    cfg = {"SGD": {"lr": 0.05, "momentum": 0.9}}.get(name, {"lr": 1e-2, "capturable": True})
+    params = _leaf_params(torch.float32, "cuda", SHAPES)
+    opt = getattr(fused_opt, name)(params, backend="cuda", **cfg)
+    grads = [[g.cuda() for g in gs] for gs in _grad_sequence(params, 4)]  # copied before
+    for p, g in zip(params, grads[0], strict=True):
+        p.grad = g.clone()
+    opt.step()  # the first step creates the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step_grads in grads[1:]:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad.copy_(g)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_an_lr_tensor_changed_between_graph_replays_is_read_at_each_replay():
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4]
+    params = _leaf_params(torch.float32, "cuda", SHAPES)
+    ours = [p.detach().clone().requires_grad_() for p in params]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = fused_opt.AdamW(ours, lr=lr, capturable=True, backend="cuda")
+    ref_opt = torch.optim.AdamW(ref, lr=lrs[0])
+    grads = _grad_sequence(params, len(lrs))
+    for p, g in zip(ours, grads[0], strict=True):
+        p.grad = g.cuda().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up (state created), then the captured step
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    # Capturing runs nothing: the warm-up was step 1, the replays are steps 2, 3, ...
+    for q, g in zip(ref, grads[0], strict=True):
+        q.grad = g.cuda().clone()
+    ref_opt.step()
+    for step_lr, step_grads in zip(lrs[1:], grads[1:], strict=True):
+        lr.fill_(step_lr)
+        for p, q, g in zip(ours, ref, step_grads, strict=True):
+            p.grad.copy_(g.cuda())
+            q.grad = g.cuda().clone()
+        graph.replay()
+        ref_opt.param_groups[0]["lr"] = step_lr
+        ref_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["sgd_", "adam_"])
+@pytest.mark.cuda
+@requires_cuda
+def test_one_call_over_several_dtypes_matches_a_call_per_dtype(op):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bfloat16]
+    gen = torch.Generator().manual_seed(0)
+
+    def lists():
+        params = [torch.randn(1000 + 7 * i, generator=gen).to("cuda", dt) for i, dt in
+                  enumerate(dtypes)]  # fmt: skip
+        grads = [torch.randn(p.shape, generator=gen).to("cuda", p.dtype) for p in params]
+        return params, grads
+
+    params, grads = lists()
+    if op == "sgd_":
+        state = [[torch.randn(p.shape, generator=gen).to("cuda", p.dtype) for p in params]]
+        hyper = dict(weight_decay=0.01, momentum=0.9, lr=0.1, dampening=0.0, nesterov=True,
+                     maximize=False, is_first_step=False)  # fmt: skip
+    else:
+        state = [[torch.randn(p.shape, generator=gen).to("cuda", p.dtype) for p in params],
+                 [torch.rand(p.shape, generator=gen).to("cuda", p.dtype) for p in params],
+                 [], [torch.tensor(3.0) for _ in params]]  # fmt: skip
+        hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False,
+                     maximize=False, decoupled_weight_decay=True)  # fmt: skip
+    one = copy.deepcopy([params, grads, *state])
+    getattr(torch.ops.fused_opt, op)(*one, **hyper)
+    by_dtype = copy.deepcopy([params, grads, *state])
+    for dt in dict.fromkeys(dtypes):
+        pick = [i for i, d in enumerate(dtypes) if d == dt]
+        lists_of_dt = [[ts[i] for i in pick] if ts else [] for ts in by_dtype]
+        getattr(torch.ops.fused_opt, op)(*lists_of_dt, **hyper)
+    for a_list, b_list in zip(one, by_dtype, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_step_on_a_side_stream_matches_the_default_stream():
+    def run(stream):
+        params = _leaf_params(torch.float32, "cuda", SHAPES)
+        opt = fused_opt.Adam(params, lr=1e-2, amsgrad=True, backend="cuda")
+        for grads in _grad_sequence(params, 3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.cuda()
+            if stream is None:
+                opt.step()
+            else:
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    opt.step()
+                torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return params
+
+    for p, q in zip(run(torch.cuda.Stream()), run(None), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_an_lr_tensor_on_another_gpu_steps_every_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    params = _leaf_params(torch.float32, "cuda:0", SHAPES[:3]) + _leaf_params(
+        torch.float32, "cuda:1", SHAPES[3:]
+    )
+    for name in ("SGD", "Adam"):
+        cfg = {"lr": torch.tensor(0.05, device="cuda:1")}
+        ours, ref, *_ = _run_pair(
+            lambda ps, name=name, cfg=cfg: getattr(fused_opt, name)(ps, backend="cuda", **cfg),
+            lambda ps, name=name: getattr(torch.optim, name)(ps, lr=0.05, foreach=False),
+            params,
+            steps=3,
+        )
+        for p, q in zip(ours, ref, strict=True):
+            torch.testing.assert_close(p, q, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+@pytest.mark.cuda
+@requires_cuda
+def test_more_tensors_than_one_launch_of_step_counters_holds(name):
+    # Capturable Adam increments its device step counters about 4000 a launch; amsgrad carries
+    # the most lists per tensor.
+    cfg = {"Adam": {"lr": 1e-2, "amsgrad": True, "capturable": True},
+           "SGD": {"lr": 0.05, "momentum": 0.9}}[name]  # fmt: skip
+    params = _leaf_params(torch.float32, "cuda", [(1 + i % 7,) for i in range(5000)])
+    ours, ref, opt, ref_opt = _run_pair(
+        lambda ps: getattr(fused_opt, name)(ps, backend="cuda", **cfg),
+        lambda ps: getattr(torch.optim, name)(ps, foreach=False, **cfg),
+        params,
+        steps=3,
+    )
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, **TOLERANCE[torch.float32])
+    if name == "Adam":
+        assert all(opt.state[p]["step"].item() == 3 for p in ours)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@requires_cuda
+def test_a_bf16_tensor_of_more_than_2_31_elements():
+    # 64-bit indexing: 3 x 4.3 GB (param, grad, momentum). Each slice of the result must be what
+    # torch.optim makes of that slice stepped alone.
+    numel = 2**31 + 4099
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    p = torch.empty(numel, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
+    g = torch.empty_like(p).uniform_(-1, 1)
+    buf = torch.empty_like(p).uniform_(-1, 1)
+    windows = [slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(numel - 4096, numel)]
+    refs = [p[w].float().clone().requires_grad_() for w in windows]
+    ref_opt = torch.optim.SGD(refs, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)
+    for q, w in zip(refs, windows, strict=True):
+        q.grad = g[w].float()
+        ref_opt.state[q]["momentum_buffer"] = buf[w].float().clone()
+    torch.ops.fused_opt.sgd_([p], [g], [buf], weight_decay=0.01, momentum=0.9, lr=0.1,
+                             dampening=0.0, nesterov=False, maximize=False,
+                             is_first_step=False)  # fmt: skip
+    ref_opt.step()
+    for q, w in zip(refs, windows, strict=True):
+        torch.testing.assert_close(p[w].float(), q.detach(), **TOLERANCE[torch.bfloat16])

@@ -373,3 +373,54 @@ def test_local_version_label_names_the_torch_minor_and_cuda():
     assert setup.local_version_label("2.12.1", "12.8.93") == "torch2.12cu128"
     info = {"torch_version": "2.11.0+cu130", "cuda_version": "13.0"}
     assert check_wheel.expected_label(info) == "torch2.11cu130"  # the checker agrees
+
+
+def _fake_toolkit(root: Path) -> Path:
+    """A CUDA toolkit folder (bin/nvcc answering --dryrun and --list-gpu-code, the runtime
+    header) and, elsewhere, a wrapper `nvcc` that runs it: the layout of our machines."""
+    home = root / "cuda-13.0"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "include" / "cuda_runtime.h").write_text("")
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in --dryrun) echo "#$ TOP={home}/bin/.." >&2;;\n'
+        "  --list-gpu-code) echo sm_75; echo sm_80; echo sm_90; echo sm_90a; echo sm_120;;\n"
+        "esac\n"
+    )
+    wrapper = root / "wrapper" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    for script in (nvcc, wrapper):
+        script.chmod(0o755)
+    return home
+
+
+def test_setup_finds_the_toolkit_behind_a_wrapper_nvcc(tmp_path, monkeypatch):
+    # torch's guess (the folder above the nvcc on PATH) would be tmp_path, without headers.
+    setup = _setup_module()
+    home = _fake_toolkit(tmp_path)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("NVCC", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'wrapper'}{os.pathsep}{os.environ['PATH']}")
+    assert setup.find_cuda_home() == home.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "wrapper"))  # no headers there
+    with pytest.raises(SystemExit, match="CUDA_HOME"):
+        setup.find_cuda_home()
+
+
+def test_setup_builds_every_arch_of_torch_with_ptx_on_the_newest(tmp_path):
+    setup = _setup_module()
+    buildable = setup.nvcc_archs(str(_fake_toolkit(tmp_path) / "bin" / "nvcc"))
+    assert buildable == {"7.5", "8.0", "9.0", "12.0"}
+    torch_archs = ["7.5", "8.0", "8.6", "9.0", "12.0"]  # 8.6: beyond this nvcc
+    assert setup.cuda_arch_list("", torch_archs, buildable) == ["7.5", "8.0", "9.0", "12.0+PTX"]
+    # An explicit list gets PTX on its newest arch too: Blackwell can JIT an 8.0;9.0 build.
+    assert setup.cuda_arch_list("9.0;8.0", torch_archs, buildable) == ["8.0", "9.0+PTX"]
+    assert setup.cuda_arch_list("9.0a", torch_archs, buildable) == ["9.0a+PTX"]
+    with pytest.raises(SystemExit, match=r"cannot build CUDA archs \['7.0'\]"):
+        setup.cuda_arch_list("7.0;8.0", torch_archs, buildable)  # nvcc 13 dropped 7.0
+    with pytest.raises(SystemExit, match="predate Volta"):
+        setup.cuda_arch_list("6.1", torch_archs, None)

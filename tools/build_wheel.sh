@@ -31,13 +31,9 @@ if [ -n "${FUSED_OPT_CPU_ISAS:-}" ]; then
     echo "build_wheel: ignoring FUSED_OPT_CPU_ISAS=$FUSED_OPT_CPU_ISAS: a wheel has every variant"
     unset FUSED_OPT_CPU_ISAS
 fi
-# A wheel serves its users' GPUs, not the builder's: default to setup.py's list of archs.
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    TORCH_CUDA_ARCH_LIST=$(cd "$repo" && "$PYTHON" -c 'import setup; print(setup.DEFAULT_CUDA_ARCHS)')
-    export TORCH_CUDA_ARCH_LIST
-fi
+# TORCH_CUDA_ARCH_LIST unset: every arch torch was built for (setup.py), never the builder's GPU.
 echo "build_wheel: torch $("$PYTHON" -c 'import torch; print(torch.__version__)')," \
-    "FUSED_OPT_CUDA=${FUSED_OPT_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST," \
+    "FUSED_OPT_CUDA=${FUSED_OPT_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-the archs of torch}," \
     "MAX_JOBS=${MAX_JOBS:-all cores}"
 
 # pip builds in the source tree: drop the previous wheel's staging area (a module deleted from

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA kernels, for machines with or without a GPU.
 #
-#   1. every csrc/cuda/*.cu with `nvcc -c` for sm_80 and sm_90 (C++17, the flags torch's
-#      extension builder uses, warnings and register spills as errors);
+#   1. every csrc/cuda/*.cu with `nvcc -c` for the archs a default build compiles (setup.py's
+#      cuda_arch_list: torch's archs that this nvcc builds, PTX for the newest) and with the
+#      flags torch's extension builder uses (C++20), warnings and register spills as errors;
+#      CUDA_CHECK_ARCHS="8.0 9.0" checks fewer, faster;
 #   2. the torch glue (csrc/cuda/ops_cuda.cpp) with `g++ -fsyntax-only` against the installed
 #      torch's headers. A CPU build of torch ships c10/cuda headers but not the generated
 #      c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in (the define a CUDA build generates)
@@ -29,10 +31,23 @@ fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
+# The archs of a default build, as setup.py chooses them ("7.5 ... 12.0+PTX").
+if [[ -z "${CUDA_CHECK_ARCHS:-}" ]]; then
+  CUDA_CHECK_ARCHS="$(cd "$ROOT" && "$PYTHON" -c '
+import sys, setup, torch
+print(" ".join(setup.cuda_arch_list("", setup.torch_cuda_archs(torch), setup.nvcc_archs(sys.argv[1]))))
+' "$NVCC")"
+fi
+GENCODE=()
+for arch in $CUDA_CHECK_ARCHS; do
+  code="${arch%+PTX}"; code="${code/./}"
+  GENCODE+=("-gencode=arch=compute_$code,code=sm_$code")
+  [[ "$arch" == *+PTX ]] && GENCODE+=("-gencode=arch=compute_$code,code=compute_$code")
+done
+
 NVCC_FLAGS=(
-  -std=c++17 -c
-  -gencode=arch=compute_80,code=sm_80
-  -gencode=arch=compute_90,code=sm_90
+  -std=c++20 -c
+  "${GENCODE[@]}"
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   --expt-relaxed-constexpr
@@ -53,7 +68,7 @@ for cu in "$SRC"/*.cu; do
 done
 for i in "${!pids[@]}"; do
   if wait "${pids[$i]}"; then
-    echo "check_cuda: ${names[$i]}.cu ok (sm_80, sm_90)"
+    echo "check_cuda: ${names[$i]}.cu ok ($CUDA_CHECK_ARCHS)"
   else
     echo "check_cuda: ${names[$i]}.cu FAILED" >&2
     cat "$WORK/${names[$i]}.log" >&2

@@ -52,6 +52,13 @@ cudaError_t launch_increment_steps(void* const* steps, int64_t count, bool is_do
   return cudaSuccess;
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, increment_steps_kernel<float>);
+  if (status != cudaSuccess) (void)cudaGetLastError();  // not sticky: leave no trace of it
+  return status;
+}
+
 int max_tensors_per_launch_adam(bool amsgrad, bool capturable) {
   if (amsgrad) {
     return capturable ? TensorTable<5, DeviceStep>::kMaxTensors

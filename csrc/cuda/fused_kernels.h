@@ -26,6 +26,11 @@ cudaError_t launch_adam(const AdamTensor* tensors, int64_t count, const AdamOpti
 cudaError_t launch_increment_steps(void* const* steps, int64_t count, bool is_double,
                                    const float* found_inf, cudaStream_t stream);
 
+// Whether this binary holds code the current device can run (SASS for its arch, or PTX it can
+// JIT): cudaSuccess, else the error a launch would meet (cudaErrorNoKernelImageForDevice, ...).
+// Every kernel is compiled for the same archs, so one kernel answers for all. Clears the error.
+cudaError_t kernel_image_status();
+
 // How many tensors of each kind one launch carries (for the docs and the launch-count test).
 int max_tensors_per_launch_sgd(bool momentum);
 int max_tensors_per_launch_adam(bool amsgrad, bool capturable);

@@ -9,7 +9,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <exception>
 #include <initializer_list>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -130,6 +133,33 @@ void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "fused_opt.", op, ": CUDA error: ", cudaGetErrorString(error));
 }
 
+// Whether the binary holds code for device `index` (see kernel_image_status), asked of the
+// runtime once per device.
+cudaError_t kernel_image_on(c10::DeviceIndex index) {
+  constexpr int kCachedDevices = 64;
+  static std::array<std::once_flag, kCachedDevices> probed;
+  static std::array<cudaError_t, kCachedDevices> status;
+  const c10::cuda::CUDAGuard guard(index);
+  if (index < 0 || index >= kCachedDevices) return kernel_image_status();
+  std::call_once(probed[index], [index] { status[index] = kernel_image_status(); });
+  return status[index];
+}
+
+// Before the first launch of a call: a GPU whose arch the binary lacks gets this error instead
+// of "no kernel image is available" (the optimizers send such a device to the torch backend
+// before they get here: fused_opt/_ops.py), and a CUDA error left pending by earlier work is
+// reported as that, not as fused_opt's.
+void check_before_launch(const char* op, const c10::Device& device) {
+  const cudaError_t image = kernel_image_on(device.index());
+  TORCH_CHECK(image == cudaSuccess, "fused_opt.", op, ": the CUDA kernels hold no code that ",
+              device, " can run (", cudaGetErrorString(image),
+              "); rebuild for its arch (TORCH_CUDA_ARCH_LIST) or use backend='torch'");
+  const cudaError_t pending = cudaPeekAtLastError();
+  TORCH_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
+              "pending (", cudaGetErrorString(pending), "); fused_opt launched nothing and ",
+              "changed nothing. CUDA_LAUNCH_BLOCKING=1 shows where it arose");
+}
+
 // ---- SGD ------------------------------------------------------------------------------------
 struct SgdHyper {
   double weight_decay, momentum, dampening;
@@ -173,6 +203,7 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
 
   const c10::cuda::CUDAGuard guard(device);
+  check_before_launch(op, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const std::vector<Tensor> readable_grads = grads_in_param_layout(params, grads);
   std::vector<SgdTensor> tensors(n);
@@ -286,6 +317,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
 
   const c10::cuda::CUDAGuard guard(device);
+  check_before_launch(op, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   if (!capturable) {
     // A graph would replay the host step counts of the capture: refuse instead.
@@ -357,6 +389,22 @@ void adam_tensor_lr(TensorList params, TensorList grads, TensorList exp_avgs,
             lr, grad_scale, found_inf);
 }
 
+// fused_opt._C_cuda.kernel_image_problem(index): None when the kernels run on cuda:index, else
+// the runtime's reason (asked by fused_opt/_ops.py before a device is given to this backend).
+PyObject* kernel_image_problem(PyObject*, PyObject* arg) {
+  const long index = PyLong_AsLong(arg);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+  cudaError_t error = cudaSuccess;
+  try {
+    error = kernel_image_on(static_cast<c10::DeviceIndex>(index));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  if (error == cudaSuccess) Py_RETURN_NONE;
+  return PyUnicode_FromString(cudaGetErrorString(error));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
@@ -372,11 +420,15 @@ TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
 // fused_opt._C_cuda: importing it registers the kernels above. Its constants say how many tensors
 // one launch carries (non-capturable Adam; capturable carries a few more).
 PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static PyMethodDef methods[] = {
+      {"kernel_image_problem", fused_opt::cuda::kernel_image_problem, METH_O,
+       "kernel_image_problem(index): None if the kernels run on cuda:index, else why not."},
+      {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT,
                                "_C_cuda",
                                "fused_opt CUDA kernels (registered with the dispatcher)",
                                -1,
-                               nullptr,
+                               methods,
                                nullptr,
                                nullptr,
                                nullptr,

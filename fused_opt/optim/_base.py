@@ -126,8 +126,9 @@ def same_members(a: list[Tensor], b: list[Tensor]) -> bool:
 
 
 def kernel_takes(p: Tensor) -> bool:
-    """Whether the cpp kernels step ``p`` in place: dense memory (any order) of plain values.
-    Under backend="auto" other params go to the torch backend; a forced "cpp" refuses them."""
+    """Whether the compiled kernels step ``p`` in place: dense memory (any order) of plain
+    values. Under backend="auto" other params go to the torch backend; a forced "cpp" or
+    "cuda" refuses them."""
     if _is_compiling():  # dynamo does not trace is_neg(); a compiled step has no such views
         return _torch_kernels.dense(p)
     return _torch_kernels.dense(p) and not (p.is_neg() or p.is_conj())
@@ -213,7 +214,32 @@ class Bucket:
             return False
         named = dict(zip(list_names(self.op), others, strict=True))
         _torch_kernels.check_tensor_lists(self.op, params, **named)
+        if self.device.type == "cuda" and self.op == "adam_":
+            _check_cuda_steps(named["steps"], self.device)
         return True
+
+
+def _check_cuda_steps(steps: list[Tensor], device: torch.device) -> None:
+    """The CUDA Adam kernel's check of the step counts, made before any bucket launches: one
+    element of fp32 or fp64 each, all on the CPU or all on the params' device (capturable)."""
+    if not steps:
+        return
+    where = steps[0].device
+    for i, s in enumerate(steps):
+        if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(
+                f"fused_opt.adam_: steps[{i}] must be a 1-element float32 or float64 tensor, "
+                f"got {s.dtype} {tuple(s.shape)}"
+            )
+        if (
+            s.device != where
+            or where.type not in ("cpu", device.type)
+            or (where.type == "cuda" and where != device)
+        ):
+            raise RuntimeError(
+                f"fused_opt.adam_: steps[{i}] is on {s.device}; steps must all be on the CPU "
+                f"or all on {device} (capturable)"
+            )
 
 
 class Plan:
@@ -263,6 +289,8 @@ class FusedOptimizer:
     # profile_hook_step): its kernels are then called straight through their direct entry
     # points, without asking again.
     _unobserved = False
+    # This step's lr tensors moved to other devices, by (group, device): see _bucket_lr.
+    _moved_lrs: dict[tuple, Tensor]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -308,6 +336,19 @@ class FusedOptimizer:
         """Whether a param's state is one only torch.optim's for-loop step takes: a sparse
         tensor (SGD's momentum after sparse grads), an int64 ``step`` loaded from a checkpoint."""
         return any(isinstance(t, Tensor) and t.layout != torch.strided for t in state.values())
+
+    def _bucket_lr(self, group: dict[str, Any], bucket: Bucket) -> float | Tensor:
+        """The group's lr as the bucket's kernel reads it: an lr tensor on another device than
+        the bucket's moved there once per step (a CPU lr is read on the host by every kernel).
+        Without this the second device's kernel would refuse it after the first had stepped."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) or lr.device.type == "cpu" or lr.device == bucket.device:
+            return lr
+        key = (id(group), bucket.device)
+        if key not in self._moved_lrs:
+            # To the CPU a blocking copy: the C++ kernels read it at once.
+            self._moved_lrs[key] = lr.to(bucket.device, non_blocking=bucket.device.type != "cpu")
+        return self._moved_lrs[key]
 
     def _run(self, bucket: Bucket, call: Call) -> Any:
         """Runs ``call`` on the bucket's kernel.
@@ -515,6 +556,7 @@ class FusedOptimizer:
         for group in groups:
             self._check_hyper(group)
         moved: tuple[dict, dict] = ({}, {})
+        self._moved_lrs = {}
         careful = False
         if len(groups) == 1:
             group = groups[0]
@@ -630,10 +672,10 @@ class FusedOptimizer:
             p = params[i]
             has_state = self._has_state(self.state.get(p, {}))  # type: ignore[attr-defined]
             backend = _backends.resolve(self._backend_request, p.device)
-            if backend == "cpp" and not kernel_takes(p):
+            if backend in ("cpp", "cuda") and not kernel_takes(p):
                 if self._backend_request != "auto":
                     raise RuntimeError(
-                        f"fused_opt: backend 'cpp' cannot step params[{i}] of shape "
+                        f"fused_opt: backend {backend!r} cannot step params[{i}] of shape "
                         f"{tuple(p.shape)} and strides {p.stride()}: its memory is not dense "
                         "(or it is a lazy neg/conj view); backend='auto' steps it with the "
                         "torch backend"

@@ -80,7 +80,7 @@ class _AdamFamily(FusedOptimizer):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
-        lr = group["lr"]
+        lr = self._bucket_lr(group, bucket)
         return Call(lr, (
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         ), (

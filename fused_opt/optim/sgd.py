@@ -103,7 +103,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 for p, buffer in zip(bucket.owners, new_buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
 
-        lr = group["lr"]
+        lr = self._bucket_lr(group, bucket)
         return Call(lr, (bucket.params, grads, buffers), (
             float(group["weight_decay"]), group["momentum"], lr, group["dampening"],
             group["nesterov"], group["maximize"], bucket.first_step, grad_scale, found_inf,
