@@ -15,13 +15,14 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Pinned: each release of a formatter moves lines around (the pyproject `dev` extra matches).
 LINTERS := "ruff==0.17.*" "clang-format==23.1.*"
 
-.PHONY: help install test bench lint format wheel cuda-check clean
+.PHONY: help install test bench lint format wheel cuda-check gpu-check clean
 
 help:
 	@echo "make test    build and run the test suite (also: make cuda-check)"
 	@echo "make bench   compare fused_opt with torch.optim on this machine (ARGS=--quick|--full)"
 	@echo "make lint    ruff + clang-format checks;  make format  fixes them"
 	@echo "make wheel   build a binary wheel (see docs/INSTALL.md)"
+	@echo "make gpu-check  the one-shot check of a GPU machine (tools/gpu_check.sh)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,12 @@ bench: install
 # Every CUDA source must compile for the archs of a default build, also without a GPU.
 cuda-check:
 	bash tools/check_cuda.sh
+
+# The one-shot check of a GPU machine (tools/gpu_check.sh): no venv, no install, nothing fetched;
+# the project's venv where one exists (practice on a CPU machine), else python3 (the GPU image's).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash tools/gpu_check.sh
 
 wheel: install
 	PYTHON=$(PY) bash tools/build_wheel.sh

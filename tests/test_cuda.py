@@ -1125,3 +1125,37 @@ def test_a_bf16_tensor_of_more_than_2_31_elements():
     ref_opt.step()
     for q, w in zip(refs, windows, strict=True):
         torch.testing.assert_close(p[w].float(), q.detach(), **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.cuda
+@requires_cuda
+def test_a_default_adam_step_under_grad_scaler_makes_no_host_sync(name):
+    # Not capturable: the step counts live on the GPU all the same (as torch's fused Adam
+    # keeps them), so found_inf is never read on the host.
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).cuda()
+    opt = getattr(fused_opt, name)(model.parameters(), lr=1e-2, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    batches = [(torch.randn(8, 16, device="cuda"), torch.randn(8, 1, device="cuda"))
+               for _ in range(4)]  # fmt: skip
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=False)
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step(*batches[0])  # creates the state
+    assert all(s["step"].device.type == "cuda" for s in opt.state.values())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches[1:]:
+            step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    reference = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+    loaded = reference(model.parameters(), lr=1e-2)
+    loaded.load_state_dict(opt.state_dict())  # a checkpoint torch.optim takes as it is
+    assert all(s["step"].item() == 4 for s in loaded.state.values())

@@ -424,3 +424,20 @@ def test_setup_builds_every_arch_of_torch_with_ptx_on_the_newest(tmp_path):
         setup.cuda_arch_list("7.0;8.0", torch_archs, buildable)  # nvcc 13 dropped 7.0
     with pytest.raises(SystemExit, match="predate Volta"):
         setup.cuda_arch_list("6.1", torch_archs, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_check_wheel_reads_the_archs_of_a_cuda_library(tmp_path):
+    # The toolkit here has no cuobjdump: check_wheel reads the .nv_fatbin section itself.
+    source = tmp_path / "k.cu"
+    source.write_text("__global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n")
+    library = tmp_path / "k.so"
+    subprocess.run(
+        ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-o", str(library), str(source),
+         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+         "-gencode=arch=compute_90,code=compute_90"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert check_wheel.cuda_archs_in(library.read_bytes()) == ({80, 90}, {90})
+    assert check_wheel.cuda_archs_in((ROOT / "setup.py").read_bytes()) == (set(), set())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import struct
 import sys
 import zipfile
 from email.parser import HeaderParser
@@ -67,6 +68,60 @@ def stray_files(names: list[str], info: dict) -> list[str]:
     ]
 
 
+_FATBIN_MAGIC = 0xBA55ED50
+
+
+def cuda_archs_in(binary: bytes) -> tuple[set[int], set[int]]:
+    """The archs (as 90 for sm_90) an ELF library's CUDA fat binaries hold machine code (SASS)
+    and PTX for, read from its .nv_fatbin section: no cuobjdump needed (not every toolkit has
+    one). A fat binary is a header (magic, version, header size, payload size) and entries,
+    each with its own header: kind (1 PTX, 2 ELF), sizes, and the arch as an integer."""
+    sass: set[int] = set()
+    ptx: set[int] = set()
+    if binary[:4] != b"\x7fELF" or binary[4] != 2:  # 64-bit ELF only
+        return sass, ptx
+    (shoff,) = struct.unpack_from("<Q", binary, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", binary, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", binary, shoff + i * shentsize) for i in range(shnum)]
+    names_offset = sections[shstrndx][4]
+    for name, _, _, _, offset, size in sections:
+        end = binary.index(b"\0", names_offset + name)
+        if binary[names_offset + name : end] != b".nv_fatbin":
+            continue
+        at = offset
+        while at + 16 <= offset + size:
+            magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", binary, at)
+            if magic != _FATBIN_MAGIC:
+                at += 8  # containers are 8-byte aligned; skip padding
+                continue
+            entry = at + header_size
+            while entry < at + header_size + fat_size:
+                kind, _, entry_header, payload = struct.unpack_from("<HHIQ", binary, entry)
+                (arch,) = struct.unpack_from("<I", binary, entry + 28)
+                (ptx if kind == 1 else sass).add(arch)
+                entry += entry_header + payload
+            at += header_size + fat_size
+    return sass, ptx
+
+
+def _cuda_arch_problems(path: Path, names: list[str], info: dict) -> list[str]:
+    """Whether the CUDA library holds SASS for every arch the build info names, and PTX for
+    those marked +PTX."""
+    library = next((n for n in names if fnmatch.fnmatch(n, CUDA_LIBRARY)), None)
+    if library is None:
+        return []
+    with zipfile.ZipFile(path) as wheel:
+        sass, ptx = cuda_archs_in(wheel.read(library))
+    problems = []
+    for arch in info.get("cuda_archs", []):
+        code = int(re.sub(r"[^0-9]", "", arch.removesuffix("+PTX")))
+        if code not in sass:
+            problems.append(f"{library} holds no SASS for sm_{code}, which the build info names")
+        if arch.endswith("+PTX") and code not in ptx:
+            problems.append(f"{library} holds no PTX for compute_{code} ({arch})")
+    return problems
+
+
 def check_wheel(path: Path) -> list[str]:
     """Every problem with the wheel at `path`, as sentences; empty when it is fit to ship."""
     names, info, headers, requires, wheel_text = read_wheel(path)
@@ -116,6 +171,7 @@ def check_wheel(path: Path) -> list[str]:
             problems.append("build info names a CUDA version, but the wheel has no _C_cuda library")
         if not info.get("cuda_archs"):
             problems.append("a CUDA build with no CUDA archs recorded")
+        problems += _cuda_arch_problems(path, names, info)
     if any(tag.endswith("-any") for tag in tags):
         problems.append(f"a wheel with compiled code tagged {tags}")
     return problems

@@ -316,9 +316,10 @@ class FusedOptimizer:
         raise NotImplementedError
 
     def _state_lists(
-        self, group: dict[str, Any], owners: list[Tensor]
+        self, group: dict[str, Any], owners: list[Tensor], backend: str
     ) -> tuple[list[list[Tensor]], bool]:
-        """The kernel's state lists for ``owners``, and whether this step creates their state."""
+        """The kernel's state lists for ``owners`` (stepped by ``backend``), and whether this
+        step creates their state."""
         raise NotImplementedError
 
     def _call(self, group: dict[str, Any], bucket: Bucket, grads: list[Tensor] | None,
@@ -686,7 +687,7 @@ class FusedOptimizer:
         for (device, _, _, backend), index in by_key.items():
             owners = [params[i] for i in index]
             self._lay_out_state_like_params(owners)
-            state_lists, first_step = self._state_lists(group, owners)
+            state_lists, first_step = self._state_lists(group, owners, backend)
             buckets.append(
                 Bucket(device, self._op, backend, index, owners, state_lists, first_step)
             )

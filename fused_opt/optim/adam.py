@@ -32,14 +32,22 @@ class _AdamFamily(FusedOptimizer):
         return (group["amsgrad"],)
 
     def _state_lists(
-        self, group: dict[str, Any], owners: list[Tensor]
+        self, group: dict[str, Any], owners: list[Tensor], backend: str
     ) -> tuple[list[list[Tensor]], bool]:
         states = [self.state[p] for p in owners]
         fresh = [p for p, state in zip(owners, states, strict=True) if not state]
-        on_device = group["capturable"] or group["fused"]
         # Where torch.optim keeps `step`: on the param's device when capturable or fused (the
-        # owners of a bucket share one device).
-        device = fresh[0].device if fresh and on_device else torch.device("cpu")
+        # owners of a bucket share one device). The CUDA kernels keep it there always, as
+        # torch's fused Adam does: a step then never reads the GPU from the host, not even
+        # GradScaler's found_inf. torch.optim loads such a checkpoint as it is, and a CPU
+        # `step` loaded from one of its own moves to the device here, once.
+        on_device = group["capturable"] or group["fused"] or backend == "cuda"
+        device = owners[0].device if on_device else torch.device("cpu")
+        if backend == "cuda":
+            for state in states:
+                step = state.get("step")
+                if isinstance(step, Tensor) and step.device != device:
+                    state["step"] = step.to(device)
         steps = zero_scalars(len(fresh), _step_dtype(), device)
         for p, step, exp_avg, exp_avg_sq in zip(fresh, steps, state_like(fresh),
                                                 state_like(fresh), strict=True):  # fmt: skip

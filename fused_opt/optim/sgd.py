@@ -78,7 +78,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         return state.get("momentum_buffer") is not None
 
     def _state_lists(
-        self, group: dict[str, Any], owners: list[Tensor]
+        self, group: dict[str, Any], owners: list[Tensor], backend: str
     ) -> tuple[list[list[Tensor]], bool]:
         if group["momentum"] == 0:
             return [[]], False
