@@ -207,7 +207,8 @@ def with_isa_objects(build_ext_class):
 
 # ---- CUDA kernels (csrc/cuda) ------------------------------------------------------------------
 def find_cuda_home() -> Path | None:
-    """The CUDA toolkit: CUDA_HOME (or CUDA_PATH) if set, else the one the `nvcc` on PATH runs.
+    """The CUDA toolkit: CUDA_HOME (or CUDA_PATH) if set, else the one the `nvcc` on PATH runs
+    (else /usr/local/cuda's).
 
     torch guesses the toolkit as the folder above `nvcc`, which is wrong when `nvcc` is a
     wrapper script (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): the build would
@@ -220,6 +221,8 @@ def find_cuda_home() -> Path | None:
         source = "CUDA_HOME"
     else:
         nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+        if nvcc is None and Path("/usr/local/cuda/bin/nvcc").is_file():
+            nvcc = "/usr/local/cuda/bin/nvcc"  # torch's own last guess
         if nvcc is None:
             return None
         home = nvcc_toolkit(nvcc) or Path(nvcc).resolve().parent.parent

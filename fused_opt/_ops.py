@@ -306,7 +306,12 @@ def cuda_problem(device: torch.device) -> str | None:
         return LOAD_ERRORS.get("cuda", "not built")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_PROBLEMS:
-        problem = COMPILED["cuda"].kernel_image_problem(index)
+        try:
+            problem = COMPILED["cuda"].kernel_image_problem(index)
+        except RuntimeError:
+            # The runtime could not tell (out of memory, an earlier sticky error): ask again at
+            # the next plan; the kernel reports the error itself if it persists.
+            return None
         if problem is not None:
             major, minor = torch.cuda.get_device_capability(index)
             archs = ", ".join(BUILD_INFO.get("cuda_archs") or ["?"])

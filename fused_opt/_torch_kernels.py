@@ -176,7 +176,7 @@ def _blocks(lists: list[list[Tensor]]) -> Iterator[tuple[list[int], list[list[Te
             if all(t is None or t.is_contiguous() for t in tensors):
                 if start < i:
                     yield list(range(start, i)), [ts[start:i] for ts in lists]
-                start = i + 1
+                start, size = i + 1, 0
                 flat = [None if t is None else t.view(-1) for t in tensors]
                 for first in range(0, numel, _BLOCK_ELEMENTS):
                     last = first + _BLOCK_ELEMENTS
@@ -267,7 +267,9 @@ def _sgd_in_fp32(lists: list[list[Tensor]], hyper: dict[str, Any]) -> None:
         padded = -(-n // _PAD_ELEMENTS) * _PAD_ELEMENTS
         if scratch is None or scratch.shape[1] < padded:
             # Reused by every block: its pages stay mapped and in the caches.
-            scratch = torch.zeros(len(lists), padded, device=block[0][0].device)
+            # fp32 whatever torch's default dtype (a bf16 default would run torch's bf16 kernel).
+            scratch = torch.zeros(len(lists), padded, dtype=torch.float32,
+                                  device=block[0][0].device)  # fmt: skip
         spans = [_span(tensors) if tensors else None for tensors in block]
         vectors = [[] if not tensors else [scratch[k, :padded]] for k, tensors in enumerate(block)]
         for k, (tensors, span) in enumerate(zip(block, spans, strict=True)):
@@ -280,6 +282,9 @@ def _sgd_in_fp32(lists: list[list[Tensor]], hyper: dict[str, Any]) -> None:
             vector = scratch[k, :n]
             if spans[k] is not None:
                 spans[k].copy_(vector)
+                # The span has a version counter of its own: autograd must see the tensors'
+                # change (a param saved for backward and stepped before it is an error).
+                torch.autograd.graph.increment_version(block[k])
             else:
                 torch._foreach_copy_(block[k], _unflatten(vector, block[k]))
 

@@ -866,12 +866,17 @@ print(calls)
 
 
 class _FakeCudaModule:
-    """fused_opt._C_cuda as _ops sees it, on GPUs that are not there."""
+    """fused_opt._C_cuda as _ops sees it, on GPUs that are not there ("raise": the runtime
+    could not tell)."""
 
     def __init__(self, problems: dict[int, str | None]) -> None:
         self.problems = problems
+        self.asked: list[int] = []
 
     def kernel_image_problem(self, index: int) -> str | None:
+        self.asked.append(index)
+        if self.problems[index] == "raise":
+            raise RuntimeError("CUDA error while probing: out of memory")
         return self.problems[index]
 
 
@@ -926,6 +931,19 @@ def test_a_gpu_the_binary_has_no_code_for_runs_the_torch_backend_after_one_warni
     # python -m fused_opt fails the node, naming the device.
     (problem,) = [p for p in __main__.unusable_builds() if p.startswith("cuda:")]
     assert problem.startswith("cuda:0: ") and "sm_121" in problem
+
+
+def test_a_probe_the_runtime_cannot_answer_is_asked_again(fake_gpus):
+    import warnings
+
+    from fused_opt import _backends
+
+    fake_gpus({0: "raise"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no arch warning: nothing is known of the arch
+        assert _backends.resolve("auto", torch.device("cuda:0")) == "cuda"
+        assert _backends.resolve("auto", torch.device("cuda:0")) == "cuda"
+    assert _ops._cuda_module.asked == [0, 0]
 
 
 def test_cuda_kernels_built_but_no_gpu_is_no_error(fake_gpus, monkeypatch):

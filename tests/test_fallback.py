@@ -202,3 +202,49 @@ def test_the_torch_backend_reads_adjacent_tensors_of_two_allocations_one_by_one(
     separate = [torch.zeros(50, dtype=torch.bfloat16) for _ in range(2)]
     for a, b in zip(step(adjacent), step(separate), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_torch_backends_low_precision_sgd_ignores_the_default_dtype():
+    # Its fp32 copies are fp32 whatever torch's default dtype: a bf16 default once sent them
+    # through torch's bf16 kernel, which left the params unchanged.
+    import torch
+
+    import fused_opt
+
+    def run() -> list:
+        gen = torch.Generator().manual_seed(0)
+        data = [torch.randn(s, generator=gen, dtype=torch.float32) for s in (70, 300, 70, 300)]
+        params = [torch.nn.Parameter(x.bfloat16()) for x in data[:2]]
+        opt = fused_opt.SGD(params, lr=0.1, momentum=0.9, backend="torch")
+        for _ in range(3):
+            for p, g in zip(params, data[2:], strict=True):
+                p.grad = g.bfloat16()
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    expected = run()
+    default = torch.get_default_dtype()
+    for dtype in (torch.bfloat16, torch.float64):
+        torch.set_default_dtype(dtype)
+        try:
+            got = run()
+        finally:
+            torch.set_default_dtype(default)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b), dtype
+
+
+def test_the_torch_backend_bumps_the_version_of_tensors_it_writes_as_one_vector():
+    # Params that are views of one buffer lie end to end: the step writes them through one
+    # vector, and autograd must still see that each changed.
+    import torch
+
+    from fused_opt import functional
+
+    flat = torch.randn(300).bfloat16()
+    params = [flat[:100], flat[100:]]
+    buffers = list(torch.zeros(300, dtype=torch.bfloat16).split([100, 200]))
+    before = [p._version for p in params + buffers]
+    functional.sgd(params, [torch.ones(100).bfloat16(), torch.ones(200).bfloat16()], buffers,
+                   lr=0.1, momentum=0.9, is_first_step=False, backend="torch")  # fmt: skip
+    assert all(t._version > v for t, v in zip(params + buffers, before, strict=True))

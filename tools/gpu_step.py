@@ -16,7 +16,7 @@ import sys
 import torch
 
 import fused_opt  # noqa: F401  (registers the ops; the CUDA kernels when built)
-from fused_opt import _torch_kernels
+from fused_opt import _ops, _torch_kernels
 
 SHAPES = [(1,), (7,), (1023,), (4097,), (33, 65)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -95,6 +95,14 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("gpu_step: no CUDA device")
         return 2
+    # Without the CUDA kernels the ops run the torch backend, which this would compare with
+    # itself: refuse.
+    if DEVICE == "cuda" and not (
+        _ops.cuda_ready() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fused_opt::adam_", "CUDA")
+    ):  # fmt: skip
+        print(f"gpu_step: the CUDA kernels are not loaded ({_ops.LOAD_ERRORS.get('cuda')})")
+        return 3
     failed = 0
     for op, dtype, lr_kind, variant in cases():
         worst = run(op, dtype, lr_kind, variant)

@@ -10,9 +10,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <exception>
 #include <initializer_list>
-#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -134,15 +134,28 @@ void check_launch(const char* op, cudaError_t error) {
 }
 
 // Whether the binary holds code for device `index` (see kernel_image_status), asked of the
-// runtime once per device.
+// runtime once per device. Only a definite answer is kept: another error (out of memory while
+// the module loads, a sticky error of earlier work) is returned as it is and asked again later.
+bool is_arch_error(cudaError_t error) {
+  return error == cudaErrorNoKernelImageForDevice || error == cudaErrorInvalidDeviceFunction ||
+         error == cudaErrorUnsupportedPtxVersion || error == cudaErrorInvalidKernelImage;
+}
+
 cudaError_t kernel_image_on(c10::DeviceIndex index) {
   constexpr int kCachedDevices = 64;
-  static std::array<std::once_flag, kCachedDevices> probed;
-  static std::array<cudaError_t, kCachedDevices> status;
+  static std::array<std::atomic<int>, kCachedDevices> known{};  // 0 unknown, else error + 1
   const c10::cuda::CUDAGuard guard(index);
-  if (index < 0 || index >= kCachedDevices) return kernel_image_status();
-  std::call_once(probed[index], [index] { status[index] = kernel_image_status(); });
-  return status[index];
+  const bool cached = index >= 0 && index < kCachedDevices;
+  if (cached) {
+    if (const int seen = known[index].load(std::memory_order_relaxed); seen != 0) {
+      return static_cast<cudaError_t>(seen - 1);
+    }
+  }
+  const cudaError_t status = kernel_image_status();
+  if (cached && (status == cudaSuccess || is_arch_error(status))) {
+    known[index].store(static_cast<int>(status) + 1, std::memory_order_relaxed);
+  }
+  return status;
 }
 
 // Before the first launch of a call: a GPU whose arch the binary lacks gets this error instead
@@ -151,9 +164,11 @@ cudaError_t kernel_image_on(c10::DeviceIndex index) {
 // reported as that, not as fused_opt's.
 void check_before_launch(const char* op, const c10::Device& device) {
   const cudaError_t image = kernel_image_on(device.index());
-  TORCH_CHECK(image == cudaSuccess, "fused_opt.", op, ": the CUDA kernels hold no code that ",
+  TORCH_CHECK(!is_arch_error(image), "fused_opt.", op, ": the CUDA kernels hold no code that ",
               device, " can run (", cudaGetErrorString(image),
               "); rebuild for its arch (TORCH_CUDA_ARCH_LIST) or use backend='torch'");
+  TORCH_CHECK(image == cudaSuccess, "fused_opt.", op,
+              ": CUDA error before the first launch: ", cudaGetErrorString(image));
   const cudaError_t pending = cudaPeekAtLastError();
   TORCH_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
               "pending (", cudaGetErrorString(pending), "); fused_opt launched nothing and ",
@@ -389,8 +404,9 @@ void adam_tensor_lr(TensorList params, TensorList grads, TensorList exp_avgs,
             lr, grad_scale, found_inf);
 }
 
-// fused_opt._C_cuda.kernel_image_problem(index): None when the kernels run on cuda:index, else
-// the runtime's reason (asked by fused_opt/_ops.py before a device is given to this backend).
+// fused_opt._C_cuda.kernel_image_problem(index): None when the kernels run on cuda:index, the
+// runtime's reason when the binary holds no code for it, and RuntimeError when the runtime
+// could not tell (asked by fused_opt/_ops.py before a device is given to this backend).
 PyObject* kernel_image_problem(PyObject*, PyObject* arg) {
   const long index = PyLong_AsLong(arg);
   if (index == -1 && PyErr_Occurred()) return nullptr;
@@ -402,6 +418,11 @@ PyObject* kernel_image_problem(PyObject*, PyObject* arg) {
     return nullptr;
   }
   if (error == cudaSuccess) Py_RETURN_NONE;
+  if (!is_arch_error(error)) {
+    PyErr_Format(PyExc_RuntimeError, "CUDA error while probing cuda:%ld: %s", index,
+                 cudaGetErrorString(error));
+    return nullptr;
+  }
   return PyUnicode_FromString(cudaGetErrorString(error));
 }
 

@@ -164,8 +164,8 @@ class Call(NamedTuple):
 class Bucket:
     """The params of one group on one device with one dtype, and their state, ready for a kernel."""
 
-    __slots__ = ("device", "kernels", "directs", "checks", "op", "index", "owners", "params",
-                 "state", "viewed", "first_step", "reads_grads")  # fmt: skip
+    __slots__ = ("device", "backend", "kernels", "directs", "checks", "op", "index", "owners",
+                 "params", "state", "viewed", "first_step", "reads_grads")  # fmt: skip
 
     def __init__(
         self,
@@ -178,6 +178,7 @@ class Bucket:
         first_step: bool,
     ) -> None:
         self.device = device
+        self.backend = backend
         self.op = op
         # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
         self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
@@ -214,7 +215,7 @@ class Bucket:
             return False
         named = dict(zip(list_names(self.op), others, strict=True))
         _torch_kernels.check_tensor_lists(self.op, params, **named)
-        if self.device.type == "cuda" and self.op == "adam_":
+        if self.backend == "cuda" and self.op == "adam_":
             _check_cuda_steps(named["steps"], self.device)
         return True
 
