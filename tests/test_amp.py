@@ -171,3 +171,26 @@ def test_unscaled_grads_are_used_as_they_are(backend, device):
         # First Nesterov step: buf = g' = g + wd * p, update = g' + momentum * buf.
         g = g + decay * p0
         torch.testing.assert_close(p, p0 - lr * (g + momentum * g))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.cuda
+def test_capturable_adam_under_grad_scaler_matches_torch_optim(name):
+    # Device step counts and found_inf read on the device, overflows included.
+    if not torch.cuda.is_available() or "cuda" not in fused_opt.available_backends():
+        pytest.skip("needs a CUDA device and the CUDA kernels")
+    device = torch.device("cuda")
+    fused_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    results = []
+    for cls, extra in ((fused_cls, {"backend": "cuda"}), (torch_cls, {})):
+        model = make_model(device)
+        opt = cls(model.parameters(), capturable=True, **kwargs, **extra)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**14, growth_interval=3)
+        train(model, opt, scaler, device, range(8), overflow_at=(0, 3))
+        results.append((list(model.parameters()), scaler.get_scale(), opt))
+    (ours, our_scale, our_opt), (theirs, their_scale, their_opt) = results
+    assert our_scale == their_scale
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    for p, q in zip(ours, theirs, strict=True):
+        assert our_opt.state[p]["step"].item() == their_opt.state[q]["step"].item()
