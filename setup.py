@@ -282,8 +282,12 @@ def cuda_arch_list(requested: str, torch_archs: list[str], buildable: set[str] |
     too_old = [a for a in archs if re.match(r"[0-6]\.", a)]
     if too_old:
         sys.exit(f"setup.py: CUDA archs {too_old} predate Volta (7.0), which the kernels need")
-    base = {a: re.match(r"\d+\.\d", a).group(0) if re.match(r"\d+\.\d", a) else a for a in archs}
-    if buildable is not None and (unknown := [a for a in archs if base[a] not in buildable]):
+
+    def base(arch: str) -> str:  # "9.0a" -> "9.0"
+        match = re.match(r"\d+\.\d", arch)
+        return match.group(0) if match else arch
+
+    if buildable is not None and (unknown := [a for a in archs if base(a) not in buildable]):
         sys.exit(
             f"setup.py: this nvcc cannot build CUDA archs {unknown} (it builds "
             f"{', '.join(sorted(buildable, key=float))}); drop them from TORCH_CUDA_ARCH_LIST"

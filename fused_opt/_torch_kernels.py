@@ -274,7 +274,7 @@ def _sgd_in_fp32(lists: list[list[Tensor]], hyper: dict[str, Any]) -> None:
         vectors = [[] if not tensors else [scratch[k, :padded]] for k, tensors in enumerate(block)]
         for k, (tensors, span) in enumerate(zip(block, spans, strict=True)):
             if tensors:
-                scratch[k, :n].copy_(_vector(tensors, span))
+                scratch[k, :n].copy_(span if span is not None else _one_vector(tensors))
         torch._fused_sgd_(*vectors, **hyper)
         for k in (0, 2):  # params and momentum buffers
             if not block[k]:
@@ -308,12 +308,13 @@ def _span(tensors: list[Tensor]) -> Tensor | None:
     )
 
 
-def _vector(tensors: list[Tensor], span: Tensor | None) -> Tensor:
-    """The contiguous tensors as one vector: ``span`` if given, else a copy."""
-    if span is not None:
-        return span
+def _one_vector(tensors: list[Tensor]) -> Tensor:
+    """The tensors' elements, each in its own order, as one vector: a view of a lone contiguous
+    tensor, else a copy made in C++ (no Python view per tensor)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
     if set(map(Tensor.dim, tensors)) == {1}:
-        return torch.cat(tensors)  # no view per tensor
+        return torch.cat(tensors)
     return _flatten(tensors)
 
 
@@ -322,10 +323,7 @@ def _load(tensors: list[Tensor], flat: bool) -> list[Tensor]:
     of the tensor itself where one contiguous tensor in compute precision is given."""
     if not flat:
         return _compute_copies(tensors)
-    if len(tensors) == 1:
-        vector = tensors[0].reshape(-1)
-    else:
-        vector = torch.cat([t.reshape(-1) for t in tensors])
+    vector = _one_vector(tensors)
     return [vector.float() if vector.dtype in _LOW_PRECISION else vector]
 
 
@@ -336,8 +334,7 @@ def _save(targets: list[Tensor], values: list[Tensor], flat: bool) -> None:
     (vector,) = values
     if len(targets) == 1 and vector.data_ptr() == targets[0].data_ptr():
         return  # updated in place
-    pieces = vector.to(targets[0].dtype).split([t.numel() for t in targets])
-    torch._foreach_copy_(targets, [x.view(t.shape) for x, t in zip(pieces, targets, strict=True)])
+    torch._foreach_copy_(targets, _unflatten(vector.to(targets[0].dtype), targets))
 
 
 def _sgd_block(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,

@@ -115,11 +115,12 @@ def kernel(
 
 
 def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
-    """GradScaler's grad_scale / found_inf moved to ``device`` once per step."""
+    """A step's scalar tensor (GradScaler's grad_scale / found_inf, a tensor lr) moved to
+    ``device`` once per step. To the CPU the copy blocks: the C++ kernels read it at once."""
     if t is None or t.device == device:
         return t
     if device not in cache:
-        cache[device] = t.to(device, non_blocking=True)
+        cache[device] = t.to(device, non_blocking=device.type != "cpu")
     return cache[device]
 
 

@@ -104,22 +104,26 @@ def cuda_archs_in(binary: bytes) -> tuple[set[int], set[int]]:
     return sass, ptx
 
 
+def cuda_arch_problems(name: str, binary: bytes, archs: list[str]) -> list[str]:
+    """Whether the CUDA library ``binary`` (called ``name``) holds SASS for every arch of the
+    build info's ``archs`` ("9.0", "12.0+PTX"), and PTX for those marked +PTX."""
+    sass, ptx = cuda_archs_in(binary)
+    problems = []
+    for arch in archs:
+        code = int(re.sub(r"[^0-9]", "", arch.removesuffix("+PTX")))
+        if code not in sass:
+            problems.append(f"{name} holds no SASS for sm_{code}, which the build info names")
+        if arch.endswith("+PTX") and code not in ptx:
+            problems.append(f"{name} holds no PTX for compute_{code} ({arch})")
+    return problems
+
+
 def _cuda_arch_problems(path: Path, names: list[str], info: dict) -> list[str]:
-    """Whether the CUDA library holds SASS for every arch the build info names, and PTX for
-    those marked +PTX."""
     library = next((n for n in names if fnmatch.fnmatch(n, CUDA_LIBRARY)), None)
     if library is None:
         return []
     with zipfile.ZipFile(path) as wheel:
-        sass, ptx = cuda_archs_in(wheel.read(library))
-    problems = []
-    for arch in info.get("cuda_archs", []):
-        code = int(re.sub(r"[^0-9]", "", arch.removesuffix("+PTX")))
-        if code not in sass:
-            problems.append(f"{library} holds no SASS for sm_{code}, which the build info names")
-        if arch.endswith("+PTX") and code not in ptx:
-            problems.append(f"{library} holds no PTX for compute_{code} ({arch})")
-    return problems
+        return cuda_arch_problems(library, wheel.read(library), info.get("cuda_archs", []))
 
 
 def check_wheel(path: Path) -> list[str]:

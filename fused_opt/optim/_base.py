@@ -290,8 +290,8 @@ class FusedOptimizer:
     # profile_hook_step): its kernels are then called straight through their direct entry
     # points, without asking again.
     _unobserved = False
-    # This step's lr tensors moved to other devices, by (group, device): see _bucket_lr.
-    _moved_lrs: dict[tuple, Tensor]
+    # This step's lr tensors moved to other devices, by group and device: see _bucket_lr.
+    _moved_lrs: dict[int, dict]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -344,13 +344,9 @@ class FusedOptimizer:
         the bucket's moved there once per step (a CPU lr is read on the host by every kernel).
         Without this the second device's kernel would refuse it after the first had stepped."""
         lr = group["lr"]
-        if not isinstance(lr, Tensor) or lr.device.type == "cpu" or lr.device == bucket.device:
+        if not isinstance(lr, Tensor) or lr.device.type == "cpu":
             return lr
-        key = (id(group), bucket.device)
-        if key not in self._moved_lrs:
-            # To the CPU a blocking copy: the C++ kernels read it at once.
-            self._moved_lrs[key] = lr.to(bucket.device, non_blocking=bucket.device.type != "cpu")
-        return self._moved_lrs[key]
+        return on_device(lr, bucket.device, self._moved_lrs.setdefault(id(group), {}))
 
     def _run(self, bucket: Bucket, call: Call) -> Any:
         """Runs ``call`` on the bucket's kernel.
