@@ -29,6 +29,7 @@ __all__ = [
     "BUILD_INFO",
     "COMPILED",
     "LOAD_ERRORS",
+    "OVERLOADS",
     "DamagedBinaryError",
     "FallbackWarning",
     "check_elf",
@@ -49,16 +50,28 @@ _SGD_ARGS = (
 )
 _ADAM_ARGS = (
     "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, {lr} lr, float beta1, float beta2, "
-    "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-    "Tensor? grad_scale=None, Tensor? found_inf=None"
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, {lr} lr, {hyper} beta1, "
+    "{hyper} beta2, {hyper} weight_decay, float eps, bool amsgrad, bool maximize, "
+    "bool decoupled_weight_decay, Tensor? grad_scale=None, Tensor? found_inf=None"
 )
 
-_OPS = {"sgd_": (_SGD_ARGS, _torch_kernels.sgd_), "adam_": (_ADAM_ARGS, _torch_kernels.adam_)}
+# Overloads: a float lr, a tensor lr and, for Adam, tensor lr, betas and weight decay (which
+# the CUDA kernels read on the device: a capturable step with device betas never syncs).
+_OVERLOADS = {"": ("float", "float"), ".tensor_lr": ("Tensor", "float")}
+_OPS = {
+    "sgd_": (_SGD_ARGS, _torch_kernels.sgd_, _OVERLOADS),
+    "adam_": (_ADAM_ARGS, _torch_kernels.adam_, {**_OVERLOADS, ".tensor_hyper": ("Tensor",) * 2}),
+}
 
-for _name, (_args, _kernel) in _OPS.items():
-    for _overload, _lr_type in (("", "float"), (".tensor_lr", "Tensor")):
-        _LIB.define(f"{_name}{_overload}({_args.format(lr=_lr_type)}) -> ()")
+# Each op's overload names, as torch.ops spells them ("default", "tensor_lr", ...).
+OVERLOADS = {
+    name: tuple(overload[1:] or "default" for overload in overloads)
+    for name, (_, _, overloads) in _OPS.items()
+}
+
+for _name, (_args, _kernel, _overloads) in _OPS.items():
+    for _overload, (_lr_type, _hyper_type) in _overloads.items():
+        _LIB.define(f"{_name}{_overload}({_args.format(lr=_lr_type, hyper=_hyper_type)}) -> ()")
         _qualname = f"fused_opt::{_name}{_overload}"
         # The pure-PyTorch kernel serves every device that has no compiled kernel.
         _LIB.impl(f"{_name}{_overload}", _kernel, "CompositeExplicitAutograd")

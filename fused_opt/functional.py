@@ -95,9 +95,10 @@ def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:
 
 
 def kernel(
-    op: str, backend: str, device: torch.device, tensor_lr: bool
+    op: str, backend: str, device: torch.device, overload: str = "default"
 ) -> Callable[..., bool | None]:
-    """What runs ``op`` ("sgd_" or "adam_") for ``backend`` on ``device``.
+    """What runs ``op`` ("sgd_" or "adam_") in ``overload`` ("default", "tensor_lr" or, for
+    Adam, "tensor_hyper": see hyper_for) for ``backend`` on ``device``.
 
     The dispatcher's op, resolved to its overload up front (resolving it per call costs more
     than the step on small tensors); for the cpp backend, its direct entry point in eager mode.
@@ -106,12 +107,54 @@ def kernel(
     """
     if backend == "torch" and _ops.kernel_registered(device.type):
         return getattr(_torch_kernels, op)
-    packet = getattr(torch.ops.fused_opt, op)
-    overload = packet.tensor_lr if tensor_lr else packet.default
+    resolved = getattr(getattr(torch.ops.fused_opt, op), overload)
     native = _ops.native_module("cpp")
     if backend == "cpp" and native is not None and not torch.compiler.is_compiling():
-        return _DirectInEager(getattr(native, op), overload)
-    return overload
+        return _DirectInEager(getattr(native, op), resolved)
+    return resolved
+
+
+def _on_a_device(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.device.type != "cpu"
+
+
+def lr_for(
+    device: torch.device, value: float | Tensor, moved: dict, name: str = "lr"
+) -> float | Tensor:
+    """An lr (or another hyper-parameter) ``value`` as a kernel on ``device`` reads it: a
+    tensor on another device than ``device`` moved there once per step (``moved[name]`` keeps
+    the copy); a float or CPU tensor as it is (read on the host). Without this a second
+    device's kernel would refuse it after the first had stepped."""
+    if not _on_a_device(value):
+        return value
+    return on_device(value, device, moved.setdefault(name, {}))
+
+
+def hyper_for(device: torch.device, lr: float | Tensor, beta1: float | Tensor,
+              beta2: float | Tensor, weight_decay: float | Tensor,
+              moved: dict) -> tuple[str, tuple]:  # fmt: skip
+    """The adam_ overload for a kernel on ``device``, and its (lr, beta1, beta2, weight_decay).
+
+    Betas or a weight decay that are tensors on a GPU go to "tensor_hyper" as tensors on
+    ``device`` (copied there once per step, kept in ``moved``), which the CUDA kernels read on
+    the device: no host sync, and a capturable step stays capturable. Otherwise they are floats
+    (a CPU tensor is read without a sync) and lr picks "tensor_lr" or "default".
+    """
+    if device.type == "cpu" or not (
+        _on_a_device(beta1) or _on_a_device(beta2) or _on_a_device(weight_decay)
+    ):
+        lr = lr_for(device, lr, moved)
+        overload = "tensor_lr" if isinstance(lr, Tensor) else "default"
+        return overload, (lr, float(beta1), float(beta2), float(weight_decay))
+    values = []
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2),
+                        ("weight_decay", weight_decay)):  # fmt: skip
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value), dtype=torch.float64)  # read on the host
+        elif value.dtype not in (torch.float32, torch.float64):
+            value = value.float()  # the kernels read fp32 or fp64; a cast on its own device
+        values.append(lr_for(device, value, moved, name))
+    return "tensor_hyper", tuple(values)
 
 
 def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
@@ -163,8 +206,10 @@ def sgd(
     requested = _backends.normalize(backend)
     moved: dict[str, dict] = {"scale": {}, "inf": {}}
     for (device, _), (p, g, buf) in _grouped([params, grads, momentum_buffers], "sgd_").items():
-        kernel("sgd_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
-            p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=lr,
+        device_lr = lr_for(device, lr, moved)
+        overload = "tensor_lr" if isinstance(device_lr, Tensor) else "default"
+        kernel("sgd_", _backends.resolve(requested, device), device, overload)(
+            p, g, buf, weight_decay=weight_decay, momentum=momentum, lr=device_lr,
             dampening=dampening, nesterov=nesterov, maximize=maximize,
             is_first_step=is_first_step,
             grad_scale=on_device(grad_scale, device, moved["scale"]),
@@ -181,9 +226,9 @@ def adam(
     steps: list[Tensor],
     *,
     lr: float | Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    weight_decay: float = 0.0,
+    beta1: float | Tensor = 0.9,
+    beta2: float | Tensor = 0.999,
+    weight_decay: float | Tensor = 0.0,
     eps: float = 1e-8,
     amsgrad: bool = False,
     maximize: bool = False,
@@ -197,8 +242,10 @@ def adam(
     moved: dict[str, Any] = {"scale": {}, "inf": {}}
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
     for (device, _), (p, g, m, v, vmax, s) in _grouped(lists, "adam_").items():
-        kernel("adam_", _backends.resolve(requested, device), device, isinstance(lr, Tensor))(
-            p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+        overload, (lr_, beta1_, beta2_, wd) = hyper_for(device, lr, beta1, beta2, weight_decay,
+                                                        moved)  # fmt: skip
+        kernel("adam_", _backends.resolve(requested, device), device, overload)(
+            p, g, m, v, vmax, s, lr=lr_, beta1=beta1_, beta2=beta2_, weight_decay=wd,
             eps=eps, amsgrad=amsgrad, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             grad_scale=on_device(grad_scale, device, moved["scale"]),

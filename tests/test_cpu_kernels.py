@@ -8,6 +8,7 @@ special values, the GradScaler contract and input validation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -442,7 +443,7 @@ def test_mixed_dtypes_in_one_call(isa):
 
 def test_tensor_lr_overload_equals_float_lr(isa):
     a = adam_state(SHAPES, torch.float32)
-    b = tuple(clone(x) for x in a)
+    b, c = (tuple(clone(x) for x in a) for _ in range(2))
     g = next(grad_stream(SHAPES, torch.float32))
     opts = dict(amsgrad=True, maximize=False, weight_decay=0.1, decoupled_weight_decay=True)
     run_adam(torch.ops.fused_opt.adam_, a, g, opts, lr=0.01)
@@ -450,6 +451,15 @@ def test_tensor_lr_overload_equals_float_lr(isa):
         torch.ops.fused_opt.adam_.tensor_lr, b, g, opts, lr=torch.tensor(0.01, dtype=torch.float64)
     )
     for x, y in zip(a, b, strict=True):
+        assert_bitwise(x, y)
+    # tensor_hyper: betas and weight decay as tensors too (fp64: the same values as the floats).
+    tensor = functools.partial(torch.tensor, dtype=torch.float64)
+    hyper = dict(opts, weight_decay=tensor(0.1))
+    torch.ops.fused_opt.adam_.tensor_hyper(
+        c[0], g, c[1], c[2], c[3], c[4], grad_scale=None, found_inf=None,
+        **dict(adam_kwargs(hyper, tensor(0.01)), beta1=tensor(0.9), beta2=tensor(0.999)),
+    )  # fmt: skip
+    for x, y in zip(a, c, strict=True):
         assert_bitwise(x, y)
     p1, p2 = clone(a[0]), clone(a[0])
     kwargs = dict(

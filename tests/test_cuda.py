@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 from fused_opt import _ops, _torch_kernels
@@ -99,13 +100,15 @@ load_inline("fused_opt_cuda_signatures", cpp_sources=[sys.stdin.read()],
 def test_glue_signatures_match_the_op_schemas(tmp_path):
     # The dispatcher infers a schema from each C++ kernel's signature and rejects a mismatch with
     # the Python-defined schema when the library loads. Without CUDA the glue cannot load, so its
-    # four signatures and its registration block are compiled here around empty bodies.
+    # signatures and its registration block are compiled here around empty bodies.
     glue = (ROOT / "csrc" / "cuda" / "ops_cuda.cpp").read_text()
-    signatures = re.findall(r"^void (\w+_(?:float|tensor)_lr\(.*?\)) \{", glue, re.M | re.S)
+    signatures = re.findall(
+        r"^void (\w+_(?:float_lr|tensor_lr|tensor_hyper)\(.*?\)) \{", glue, re.M | re.S
+    )
     registration = re.search(
         r"^TORCH_LIBRARY_IMPL\(fused_opt, CUDA, m\) \{.*?^\}", glue, re.M | re.S
     )
-    assert len(signatures) == 4 and registration
+    assert len(signatures) == 5 and registration
     source = "\n".join(
         ["#include <torch/library.h>", "using at::Tensor;", "using at::TensorList;"]
         + [f"void {signature} {{}}" for signature in signatures]
@@ -135,7 +138,8 @@ class HostLaunches:
         lib.harness_sgd.restype = lib.harness_adam.restype = i64
         lib.harness_sgd.argtypes = [i64] + [ptr] * 5 + [f64, ptr, i32] + [f64] * 3 + [i32] * 3
         lib.harness_sgd.argtypes += [ptr, ptr]
-        lib.harness_adam.argtypes = [i64] + [ptr] * 9 + [i32, f64, ptr, i32] + [f64] * 4
+        hyper = [f64, ptr, i32]  # value, device pointer, pointer is fp64
+        lib.harness_adam.argtypes = [i64] + [ptr] * 9 + [i32] + hyper * 4 + [f64]
         lib.harness_adam.argtypes += [i32] * 3 + [ptr, ptr]
         lib.harness_max_tensors_per_launch.argtypes = [i32, i32]
 
@@ -159,10 +163,11 @@ class HostLaunches:
         return dtypes, numels
 
     @staticmethod
-    def _lr(lr):
-        if isinstance(lr, torch.Tensor):
-            return 0.0, lr.data_ptr(), int(lr.dtype == torch.float64)
-        return float(lr), None, 0
+    def _hyper(value):
+        """A float, or a tensor whose memory the kernels read as a device scalar."""
+        if isinstance(value, torch.Tensor):
+            return 0.0, value.data_ptr(), int(value.dtype == torch.float64)
+        return float(value), None, 0
 
     @staticmethod
     def _scalar(t: torch.Tensor | None) -> int | None:
@@ -174,7 +179,7 @@ class HostLaunches:
         dtypes, numels = self._common(params)
         lists = [self._pointers(t) for t in (params, grads, bufs if momentum else None)]
         return self.lib.harness_sgd(
-            len(params), dtypes, numels, *lists, *self._lr(lr), weight_decay, momentum,
+            len(params), dtypes, numels, *lists, *self._hyper(lr), weight_decay, momentum,
             dampening, nesterov, maximize, is_first_step, self._scalar(grad_scale),
             self._scalar(found_inf),
         )  # fmt: skip
@@ -189,10 +194,10 @@ class HostLaunches:
         steps = None if new_steps is None else self._array(ctypes.c_double, new_steps)
         counters = self._pointers(step_tensors)
         double_steps = int(step_tensors is not None and step_tensors[0].dtype == torch.float64)
+        hyper = [x for value in (lr, beta1, beta2, weight_decay) for x in self._hyper(value)]
         return self.lib.harness_adam(
-            len(params), dtypes, numels, *lists, steps, counters, double_steps, *self._lr(lr),
-            beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled,
-            self._scalar(grad_scale), self._scalar(found_inf),
+            len(params), dtypes, numels, *lists, steps, counters, double_steps, *hyper, eps,
+            amsgrad, maximize, decoupled, self._scalar(grad_scale), self._scalar(found_inf),
         )  # fmt: skip
 
 
@@ -434,6 +439,66 @@ def test_host_emulated_tensor_lr_equals_float_lr(host, lr_dtype):
         runs.append(params)
     for p, q in zip(*runs, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_host_emulated_device_betas_and_weight_decay_equal_floats(host, dtype):
+    """The tensor_hyper path: lr, betas and weight decay read from memory by every block."""
+    tensors = {k: torch.tensor(v, dtype=dtype) for k, v in
+               dict(lr=1e-2, beta1=0.8, beta2=0.99, weight_decay=0.1).items()}  # fmt: skip
+    runs = []
+    for hyper in ({k: t.item() for k, t in tensors.items()}, tensors):
+        params = [p.detach() for p in _leaf_params(torch.float32, shapes=HOST_SHAPES)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        counters = [torch.zeros(()) for _ in params]
+        for grads in _grad_sequence(params, 5):
+            host.adam(params, grads, *state, **hyper, amsgrad=True, decoupled=True,
+                      step_tensors=counters)  # fmt: skip
+            torch._foreach_add_(counters, 1)  # launch_increment_steps' part
+        runs.append(params + [t for ts in state for t in ts])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    # Device betas without device steps: the host has no betas for the bias corrections.
+    params = [p.detach() for p in _leaf_params(torch.float32, shapes=HOST_SHAPES)]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    before = [t.clone() for t in params]
+    launches = host.adam(params, [torch.ones_like(p) for p in params], *state, lr=1e-2,
+                         beta1=torch.tensor(0.9), new_steps=[1.0] * len(params))  # fmt: skip
+    assert launches == -1
+    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_device_betas_and_weight_decay_reach_the_kernel_unread(name):
+    """Tensors on a device other than the CPU go to adam_.tensor_hyper as they are: the meta
+    device stands in for a GPU here, where any host read (float(), .item()) would raise."""
+    params = [nn.Parameter(torch.zeros(3, device="meta")) for _ in range(2)]
+    for p in params:
+        p.grad = torch.zeros(3, device="meta")
+    opt = getattr(fused_opt, name)(params, capturable=True)
+    lr, beta1, beta2, weight_decay = (
+        torch.tensor(v, device="meta") for v in (1e-2, 0.9, 0.99, 0.1)
+    )
+    # Set after construction: torch.optim's constructor compares them with numbers.
+    opt.param_groups[0].update(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+
+    class Calls(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append((str(func), kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Calls() as calls:
+        opt.step()
+        opt.step()
+    steps = [kwargs for func, kwargs in calls.seen if func.startswith("fused_opt.adam_")]
+    assert [func for func, _ in calls.seen if func.startswith("fused_opt.")] == [
+        "fused_opt.adam_.tensor_hyper"
+    ] * 2
+    for kwargs in steps:
+        assert kwargs["beta1"] is beta1 and kwargs["beta2"] is beta2
+        assert kwargs["weight_decay"] is weight_decay and kwargs["lr"] is lr
 
 
 # ---- with a GPU --------------------------------------------------------------------------------
@@ -925,7 +990,7 @@ def test_a_gpu_the_binary_has_no_code_for_runs_the_torch_backend_after_one_warni
     assert "cuda" in fused_opt.available_backends()
     # The dispatcher would send cuda:0's tensors to the CUDA kernel: the torch backend's
     # kernel is called directly instead.
-    assert functional.kernel("adam_", "torch", torch.device("cuda:0"), False) is (
+    assert functional.kernel("adam_", "torch", torch.device("cuda:0"), "default") is (
         _torch_kernels.adam_
     )
     # python -m fused_opt fails the node, naming the device.
@@ -1017,6 +1082,87 @@ def test_an_lr_tensor_changed_between_graph_replays_is_read_at_each_replay():
     torch.cuda.synchronize()
     for p, q in zip(ours, ref, strict=True):
         torch.testing.assert_close(p, q, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.cuda
+@requires_cuda
+def test_device_betas_and_weight_decay_change_between_graph_replays(name, amsgrad):
+    """Betas and weight decay as CUDA tensors: read by the kernels at each replay (no host
+    read, no sync), along the trajectory of torch.optim given the same values as floats."""
+    schedule = [(0.9, 0.999, 0.1), (0.8, 0.99, 0.05), (0.7, 0.9, 0.0), (0.85, 0.95, 0.2)]
+    params = _leaf_params(torch.float32, "cuda", SHAPES)
+    ours = [p.detach().clone().requires_grad_() for p in params]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    beta1, beta2, weight_decay = (torch.tensor(v, device="cuda") for v in schedule[0])
+    opt = getattr(fused_opt, name)(
+        ours,
+        lr=1e-2,
+        betas=(beta1, beta2),
+        amsgrad=amsgrad,
+        weight_decay=weight_decay,
+        capturable=True,
+        backend="cuda",
+    )
+    ref_opt = getattr(torch.optim, name)(ref, lr=1e-2, amsgrad=amsgrad)
+    grads = _grad_sequence(params, 2 * len(schedule))
+
+    def set_values(values, step_grads) -> None:
+        for t, v in zip((beta1, beta2, weight_decay), values, strict=True):
+            t.fill_(v)
+        # torch.optim gets the fp32 values the kernels read.
+        b1, b2, wd = (torch.tensor(v, dtype=torch.float32).item() for v in values)
+        ref_opt.param_groups[0].update(betas=(b1, b2), weight_decay=wd)
+        for p, q, g in zip(ours, ref, step_grads, strict=True):
+            p.grad = g.cuda().clone() if p.grad is None else p.grad.copy_(g.cuda())
+            q.grad = g.cuda().clone()
+
+    set_values(schedule[0], grads[0])
+    opt.step()  # the first step creates the state
+    ref_opt.step()
+    set_values(schedule[1], grads[1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # eager, and no sync
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()  # capturing runs nothing: the replays are steps 3, 4, ...
+    for values, step_grads in zip(schedule * 2, grads[2:], strict=False):
+        set_values(values, step_grads)
+        graph.replay()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, **TOLERANCE[torch.float32])
+    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+        for p, q in zip(ours, ref, strict=True):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key],
+                                       **TOLERANCE[torch.float32])  # fmt: skip
+    assert opt.state[ours[0]]["step"].item() == ref_opt.state[ref[0]]["step"].item()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_device_betas_with_host_step_counts_raise_before_anything_changes():
+    params = [torch.randn(5, device="cuda")]
+    lists = [params, [torch.ones(5, device="cuda")], [torch.zeros(5, device="cuda")],
+             [torch.zeros(5, device="cuda")], [], [torch.tensor(0.0)]]  # fmt: skip
+    before = copy.deepcopy(lists)
+    beta = torch.tensor(0.9, device="cuda")
+    with pytest.raises(RuntimeError, match="betas on cuda:0 need the steps there too"):
+        torch.ops.fused_opt.adam_.tensor_hyper(
+            *lists, lr=torch.tensor(1e-2), beta1=beta, beta2=beta,
+            weight_decay=torch.tensor(0.0), eps=1e-8, amsgrad=False, maximize=False,
+            decoupled_weight_decay=False,
+        )  # fmt: skip
+    for now, then in zip(lists, before, strict=True):
+        for a, b in zip(now, then, strict=True):
+            assert torch.equal(a.cpu(), b.cpu())
 
 
 @pytest.mark.parametrize("op", ["sgd_", "adam_"])

@@ -23,15 +23,17 @@ def sgd_args(dtype, device, momentum, tensor_lr):
     return (params, grads, bufs), kwargs
 
 
-def adam_args(dtype, device, amsgrad, tensor_lr):
+def adam_args(dtype, device, amsgrad, overload):
     params, grads = _tensors(1, dtype, device), _tensors(2, dtype, device)
     exp_avgs = _tensors(3, dtype, device)
     exp_avg_sqs = [t.abs() for t in _tensors(4, dtype, device)]
     max_sqs = [t.abs() for t in _tensors(5, dtype, device)] if amsgrad else []
-    steps = [torch.tensor(3.0) for _ in params]
-    lr = torch.tensor(0.01, device=device) if tensor_lr else 0.01
-    kwargs = dict(lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=amsgrad,
-                  maximize=True, decoupled_weight_decay=True)  # fmt: skip
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.01)
+    as_tensors = {"default": (), "tensor_lr": ("lr",), "tensor_hyper": tuple(hyper)}[overload]
+    hyper.update({name: torch.tensor(hyper[name], device=device) for name in as_tensors})
+    # Device betas need device steps (the CUDA kernels' capturable path).
+    steps = [torch.tensor(3.0, device=device if as_tensors else "cpu") for _ in params]
+    kwargs = dict(**hyper, eps=1e-8, amsgrad=amsgrad, maximize=True, decoupled_weight_decay=True)
     return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps), kwargs
 
 
@@ -47,16 +49,15 @@ def test_opcheck_sgd(device, dtype, tensor_lr, momentum):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("overload", ["default", "tensor_lr", "tensor_hyper"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_opcheck_adam(device, dtype, tensor_lr, amsgrad):
-    args, kwargs = adam_args(dtype, device, amsgrad, tensor_lr)
-    op = torch.ops.fused_opt.adam_.tensor_lr if tensor_lr else torch.ops.fused_opt.adam_.default
-    torch.library.opcheck(op, args, kwargs)
+def test_opcheck_adam(device, dtype, overload, amsgrad):
+    args, kwargs = adam_args(dtype, device, amsgrad, overload)
+    torch.library.opcheck(getattr(torch.ops.fused_opt.adam_, overload), args, kwargs)
 
 
 def test_found_inf_makes_the_op_a_no_op():
-    args, kwargs = adam_args(torch.float32, "cpu", True, False)
+    args, kwargs = adam_args(torch.float32, "cpu", True, "default")
     before = [[t.clone() for t in ts] for ts in args]
     torch.ops.fused_opt.adam_(*args, **kwargs, found_inf=torch.tensor(1.0))
     for ts, olds in zip(args, before, strict=True):

@@ -3,7 +3,8 @@ compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 
 Ragged sizes (a vector body and a scalar tail), a tensor that starts one element past an
 aligned address (the unaligned path), several tensors of each dtype in one call (the tables),
-float and device-tensor lr, host and device step counts, grad_scale and found_inf. Each call's
+float and device-tensor lr (and, for capturable Adam, device betas and weight decay: the
+.tensor_hyper overload), host and device step counts, grad_scale and found_inf. Each call's
 result is compared with the torch backend's (pure PyTorch, same fp32 math), so a sanitizer run
 that passes also stepped right. Exits 1 on a mismatch; prints one line per case.
 """
@@ -49,9 +50,10 @@ def cases():
             yield "sgd_", dtype, lr_kind, {"nesterov": nesterov, "scaled": scaled}
         for amsgrad, capturable, scaled in ((False, False, False), (True, True, True),
                                             (True, False, True)):  # fmt: skip
-            yield "adam_", dtype, lr_kind, {
-                "amsgrad": amsgrad, "capturable": capturable, "scaled": scaled,
-            }  # fmt: skip
+            variant = {"amsgrad": amsgrad, "capturable": capturable, "scaled": scaled}
+            yield "adam_", dtype, lr_kind, variant
+            if capturable and lr_kind == "device":  # device betas need device steps
+                yield "adam_", dtype, "hyper", variant
 
 
 def run(op: str, dtype: torch.dtype, lr_kind: str, variant: dict) -> float:
@@ -72,8 +74,10 @@ def run(op: str, dtype: torch.dtype, lr_kind: str, variant: dict) -> float:
         state = [tensors(dtype, gen), tensors(dtype, gen, positive=True),
                  tensors(dtype, gen, positive=True) if variant["amsgrad"] else [],
                  [torch.tensor(2.0, device=step_device) for _ in params]]  # fmt: skip
-        hyper = dict(lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
-                     amsgrad=variant["amsgrad"], maximize=False,
+        betas = dict(beta1=0.9, beta2=0.999, weight_decay=0.01)
+        if lr_kind == "hyper":
+            betas = {name: torch.tensor(v, device=DEVICE) for name, v in betas.items()}
+        hyper = dict(lr=lr, **betas, eps=1e-8, amsgrad=variant["amsgrad"], maximize=False,
                      decoupled_weight_decay=True)  # fmt: skip
     ours = [params, grads, *state]
     reference = [[t.clone() for t in ts] for ts in ours]

@@ -70,15 +70,16 @@ bool parse_optional_tensor(PyObject* obj, const char* name, const at::Tensor*& o
   return true;
 }
 
-// A float, or a one-element tensor (the .tensor_lr overload).
-bool parse_lr(PyObject* obj, double& out) {
+// A float, or a one-element tensor (lr in the .tensor_lr overload, Adam's betas and weight decay
+// too in .tensor_hyper).
+bool parse_hyper(PyObject* obj, const char* name, double& out) {
   if (!THPVariable_Check(obj)) return parse_double(obj, out);
-  const at::Tensor& lr = THPVariable_Unpack(obj);
-  if (lr.numel() != 1) {
-    PyErr_SetString(PyExc_RuntimeError, "fused_opt: lr must have one element");
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.numel() != 1) {
+    PyErr_Format(PyExc_RuntimeError, "fused_opt: %s must have one element", name);
     return false;
   }
-  out = lr.item<double>();
+  out = t.item<double>();
   return true;
 }
 
@@ -217,7 +218,7 @@ PyObject* sgd_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!lists[0].parse(args[0], "params", c.params) || !parse_grads(args[1], lists[1], c.grads) ||
       !lists[2].parse(args[2], "momentum_buffers", c.momentum_buffers) ||
       !parse_double(args[3], c.weight_decay) || !parse_double(args[4], c.momentum) ||
-      !parse_lr(args[5], c.lr) || !parse_double(args[6], c.dampening) ||
+      !parse_hyper(args[5], "lr", c.lr) || !parse_double(args[6], c.dampening) ||
       !parse_bool(args[7], c.nesterov) || !parse_bool(args[8], c.maximize) ||
       !parse_bool(args[9], c.is_first_step) ||
       !parse_optional_tensor(args[10], "grad_scale", c.grad_scale) ||
@@ -240,9 +241,9 @@ PyObject* adam_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !lists[2].parse(args[2], "exp_avgs", c.exp_avgs) ||
       !lists[3].parse(args[3], "exp_avg_sqs", c.exp_avg_sqs) ||
       !lists[4].parse(args[4], "max_exp_avg_sqs", c.max_exp_avg_sqs) ||
-      !lists[5].parse(args[5], "steps", c.steps) || !parse_lr(args[6], c.lr) ||
-      !parse_double(args[7], c.beta1) || !parse_double(args[8], c.beta2) ||
-      !parse_double(args[9], c.weight_decay) || !parse_double(args[10], c.eps) ||
+      !lists[5].parse(args[5], "steps", c.steps) || !parse_hyper(args[6], "lr", c.lr) ||
+      !parse_hyper(args[7], "beta1", c.beta1) || !parse_hyper(args[8], "beta2", c.beta2) ||
+      !parse_hyper(args[9], "weight_decay", c.weight_decay) || !parse_double(args[10], c.eps) ||
       !parse_bool(args[11], c.amsgrad) || !parse_bool(args[12], c.maximize) ||
       !parse_bool(args[13], c.decoupled_weight_decay) ||
       !parse_optional_tensor(args[14], "grad_scale", c.grad_scale) ||

@@ -1,4 +1,4 @@
-// The dispatcher front end: fused_opt::sgd_ / fused_opt::adam_ (both overloads) on the CPU key.
+// The dispatcher front end: fused_opt::sgd_ / fused_opt::adam_ (every overload) on the CPU key.
 //
 // The kernels are registered boxed: the tensor lists are read in place from the dispatcher's
 // argument stack (no std::vector<Tensor> copies, no refcount traffic per tensor).
@@ -29,10 +29,12 @@ const at::Tensor* optional_tensor(const c10::IValue& value) {
   return value.isTensor() ? &value.toTensor() : nullptr;
 }
 
-double lr_value(const c10::IValue& lr) {
-  if (!lr.isTensor()) return lr.toDouble();
-  const at::Tensor& t = lr.toTensor();
-  TORCH_CHECK(t.numel() == 1, "fused_opt: lr must have one element, got ", t.numel());
+// A hyper-parameter given as a float or a 1-element tensor (lr; Adam's betas and weight decay
+// in the tensor_hyper overload).
+double hyper_value(const c10::IValue& value, const char* name) {
+  if (!value.isTensor()) return value.toDouble();
+  const at::Tensor& t = value.toTensor();
+  TORCH_CHECK(t.numel() == 1, "fused_opt: ", name, " must have one element, got ", t.numel());
   return t.item<double>();
 }
 
@@ -43,7 +45,7 @@ void sgd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const c10::IValue* args = stack->data() + (stack->size() - num_args);
   thread_local ListRefs lists[3];
   SgdCall call{lists[0].from(args[0]), lists[1].from(args[1]),    lists[2].from(args[2]),
-               args[3].toDouble(),     args[4].toDouble(),        lr_value(args[5]),
+               args[3].toDouble(),     args[4].toDouble(),        hyper_value(args[5], "lr"),
                args[6].toDouble(),     args[7].toBool(),          args[8].toBool(),
                args[9].toBool(),       optional_tensor(args[10]), optional_tensor(args[11])};
   run_plan(plan_sgd(call));
@@ -56,11 +58,21 @@ void adam_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t num_args = op.schema().arguments().size();
   const c10::IValue* args = stack->data() + (stack->size() - num_args);
   thread_local ListRefs lists[6];
-  AdamCall call{lists[0].from(args[0]),   lists[1].from(args[1]), lists[2].from(args[2]),
-                lists[3].from(args[3]),   lists[4].from(args[4]), lists[5].from(args[5]),
-                lr_value(args[6]),        args[7].toDouble(),     args[8].toDouble(),
-                args[9].toDouble(),       args[10].toDouble(),    args[11].toBool(),
-                args[12].toBool(),        args[13].toBool(),      optional_tensor(args[14]),
+  AdamCall call{lists[0].from(args[0]),
+                lists[1].from(args[1]),
+                lists[2].from(args[2]),
+                lists[3].from(args[3]),
+                lists[4].from(args[4]),
+                lists[5].from(args[5]),
+                hyper_value(args[6], "lr"),
+                hyper_value(args[7], "beta1"),
+                hyper_value(args[8], "beta2"),
+                hyper_value(args[9], "weight_decay"),
+                args[10].toDouble(),
+                args[11].toBool(),
+                args[12].toBool(),
+                args[13].toBool(),
+                optional_tensor(args[14]),
                 optional_tensor(args[15])};
   run_plan(plan_adam(call));
   torch::jit::drop(*stack, num_args);
@@ -73,6 +85,7 @@ TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
   m.impl("sgd_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&sgd_boxed>());
   m.impl("adam_", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
   m.impl("adam_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
+  m.impl("adam_.tensor_hyper", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
 }
 
 }  // namespace fused_opt_cpu

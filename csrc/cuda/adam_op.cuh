@@ -3,7 +3,9 @@
 // Step counts: non-capturable calls pass each tensor's new step (read and incremented on the
 // host) and the bias corrections are computed here in double; capturable calls pass the device
 // counters, which each block reads (+1) to compute them, and launch_increment_steps (adam.cu)
-// then adds 1 on the device, so the whole step is graph-capturable and never synchronises.
+// then adds 1 on the device, so the whole step is graph-capturable and never synchronises. lr,
+// the betas and weight decay may be device scalars, read by each block (the betas only when
+// capturable: a host bias correction needs host betas).
 // Plain C++ for a host compiler too (see multi_tensor_apply.cuh).
 #pragma once
 
@@ -20,10 +22,10 @@ namespace fused_opt {
 namespace cuda {
 
 struct AdamArgs {
-  LearningRate lr;
-  double beta1;
-  double beta2;
-  double weight_decay;
+  HyperParam lr;
+  HyperParam beta1;
+  HyperParam beta2;
+  HyperParam weight_decay;
   double eps;
   const float* grad_scale;
   const float* found_inf;
@@ -54,6 +56,8 @@ struct AdamOp {
   math::AdamScalars<Compute> s;
 
   FUSED_OPT_HOST_DEVICE AdamOp(const Args& a, const PerTensor& tensor) {
+    const double beta1 = load_hyper(a.beta1);
+    const double beta2 = load_hyper(a.beta2);
     double bias_correction1;
     double bias_correction2_sqrt;
     if constexpr (kCapturable) {
@@ -61,14 +65,14 @@ struct AdamOp {
       const double step = tensor.is_double
                               ? *static_cast<const double*>(tensor.step) + 1.0
                               : static_cast<double>(*static_cast<const float*>(tensor.step) + 1.0f);
-      bias_correction1 = math::bias_correction(a.beta1, step);
-      bias_correction2_sqrt = sqrt(math::bias_correction(a.beta2, step));
+      bias_correction1 = math::bias_correction(beta1, step);
+      bias_correction2_sqrt = sqrt(math::bias_correction(beta2, step));
     } else {
       bias_correction1 = tensor.bias_correction1;
       bias_correction2_sqrt = tensor.bias_correction2_sqrt;
     }
     s = math::make_adam_scalars<Compute>(
-        load_learning_rate(a.lr), a.beta1, a.beta2, a.weight_decay, a.eps, bias_correction1,
+        load_hyper(a.lr), beta1, beta2, load_hyper(a.weight_decay), a.eps, bias_correction1,
         bias_correction2_sqrt, kAmsgrad, a.maximize, a.decoupled_weight_decay,
         a.grad_scale != nullptr, a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
   }
@@ -117,9 +121,9 @@ struct AdamGroup {
         slot.per_tensor.step = t.device_step;
         slot.per_tensor.is_double = t.device_step_is_double;
       } else {
-        slot.per_tensor.bias_correction1 = math::bias_correction(args.beta1, t.step);
+        slot.per_tensor.bias_correction1 = math::bias_correction(args.beta1.value, t.step);
         slot.per_tensor.bias_correction2_sqrt =
-            std::sqrt(math::bias_correction(args.beta2, t.step));
+            std::sqrt(math::bias_correction(args.beta2.value, t.step));
       }
       return true;
     };
@@ -134,9 +138,11 @@ inline AdamArgs make_adam_args(const AdamOptions& options) {
 }
 
 // One Adam/AdamW step over `count` tensors of any dtypes: one group of launches per dtype.
+// Refuses (false) device betas without device steps (betas_usable).
 template <typename Launcher>
 bool run_adam(const AdamTensor* tensors, int64_t count, const AdamOptions& options,
               Launcher& launcher) {
+  if (!betas_usable(options)) return false;
   const AdamArgs args = make_adam_args(options);
   for (const DType dtype : kAllDTypes) {
     if (!contains_dtype(tensors, count, dtype)) continue;

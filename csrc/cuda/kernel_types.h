@@ -10,8 +10,9 @@ namespace cuda {
 
 enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
-// The learning rate: `value`, or read on the device from a 1-element fp32/fp64 tensor.
-struct LearningRate {
+// A hyper-parameter (lr, an Adam beta or weight decay): `value`, or read by the kernels from a
+// 1-element fp32/fp64 tensor on the device, never by the host (a step stays graph-capturable).
+struct HyperParam {
   double value = 0.0;
   const void* device_ptr = nullptr;
   bool device_is_double = false;
@@ -26,7 +27,7 @@ struct SgdTensor {
 };
 
 struct SgdOptions {
-  LearningRate lr;
+  HyperParam lr;
   double weight_decay;
   double momentum;
   double dampening;
@@ -54,10 +55,10 @@ struct AdamTensor {
 };
 
 struct AdamOptions {
-  LearningRate lr;
-  double beta1;
-  double beta2;
-  double weight_decay;
+  HyperParam lr;
+  HyperParam beta1;  // on the device only when capturable: the host computes the bias
+  HyperParam beta2;  // corrections of a non-capturable step
+  HyperParam weight_decay;
   double eps;
   bool amsgrad;
   bool maximize;
@@ -66,6 +67,12 @@ struct AdamOptions {
   const float* grad_scale;
   const float* found_inf;
 };
+
+// Device betas need device steps: a non-capturable step's bias corrections are host arithmetic.
+inline bool betas_usable(const AdamOptions& options) {
+  return options.capturable ||
+         (options.beta1.device_ptr == nullptr && options.beta2.device_ptr == nullptr);
+}
 
 }  // namespace cuda
 }  // namespace fused_opt

@@ -1,4 +1,4 @@
-// Pieces every optimizer's launcher shares: the learning rate read and the dtype grouping.
+// Pieces every optimizer's launcher shares: the hyper-parameter read and the dtype grouping.
 #pragma once
 
 #include <cstdint>
@@ -9,11 +9,11 @@
 namespace fused_opt {
 namespace cuda {
 
-// A device learning rate is read by every block, never synchronised to the host (graph-safe).
-FUSED_OPT_HOST_DEVICE double load_learning_rate(const LearningRate& lr) {
-  if (lr.device_ptr == nullptr) return lr.value;
-  return lr.device_is_double ? *static_cast<const double*>(lr.device_ptr)
-                             : static_cast<double>(*static_cast<const float*>(lr.device_ptr));
+// A device hyper-parameter is read by every block, never synchronised to the host (graph-safe).
+FUSED_OPT_HOST_DEVICE double load_hyper(const HyperParam& h) {
+  if (h.device_ptr == nullptr) return h.value;
+  return h.device_is_double ? *static_cast<const double*>(h.device_ptr)
+                            : static_cast<double>(*static_cast<const float*>(h.device_ptr));
 }
 
 // The dtypes of a call, in a fixed order: one group of launches per dtype present.

@@ -14,7 +14,6 @@
 #include <exception>
 #include <initializer_list>
 #include <optional>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -115,18 +114,26 @@ const float* device_scalar(const char* op, const char* name, const std::optional
   return t->const_data_ptr<float>();
 }
 
-LearningRate learning_rate(double lr) { return LearningRate{lr, nullptr, false}; }
+// A hyper-parameter as the schema passes it: a float, or a 1-element tensor.
+struct HyperArg {
+  double value;
+  const Tensor* tensor;  // null for a float
+  HyperArg(double v) : value(v), tensor(nullptr) {}
+  HyperArg(const Tensor& t) : value(0.0), tensor(&t) {}
+};
 
-// A CPU lr is read here; a device lr is read by the kernels (no synchronisation).
-LearningRate learning_rate(const char* op, const Tensor& lr, const c10::Device& device) {
-  TORCH_CHECK(
-      lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
-      "fused_opt.", op, ": lr must be a 1-element float32 or float64 tensor, got ",
-      lr.scalar_type(), " ", lr.sizes());
-  if (lr.device().is_cpu()) return learning_rate(lr.item<double>());
-  TORCH_CHECK(lr.device() == device, "fused_opt.", op, ": lr is on ", lr.device(),
+// A float or CPU tensor is read here; a device tensor is read by the kernels (no synchronisation).
+HyperParam hyper_param(const char* op, const char* name, const HyperArg& arg,
+                       const c10::Device& device) {
+  if (arg.tensor == nullptr) return HyperParam{arg.value, nullptr, false};
+  const Tensor& t = *arg.tensor;
+  TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "fused_opt.", op, ": ", name, " must be a 1-element float32 or float64 tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+  if (t.device().is_cpu()) return HyperParam{t.item<double>(), nullptr, false};
+  TORCH_CHECK(t.device() == device, "fused_opt.", op, ": ", name, " is on ", t.device(),
               ", expected the CPU or the params' device ", device);
-  return LearningRate{0.0, lr.const_data_ptr(), lr.scalar_type() == at::kDouble};
+  return HyperParam{0.0, t.const_data_ptr(), t.scalar_type() == at::kDouble};
 }
 
 void check_launch(const char* op, cudaError_t error) {
@@ -177,14 +184,13 @@ void check_before_launch(const char* op, const c10::Device& device) {
 
 // ---- SGD ------------------------------------------------------------------------------------
 struct SgdHyper {
+  HyperArg lr;
   double weight_decay, momentum, dampening;
   bool nesterov, maximize, is_first_step;
 };
 
-template <typename Lr>
 void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, const SgdHyper& h,
-              const Lr& lr, const std::optional<Tensor>& grad_scale,
-              const std::optional<Tensor>& found_inf) {
+              const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   constexpr const char* op = "sgd_";
   const size_t n = params.size();
   check_length(op, "grads", grads, n);
@@ -203,11 +209,7 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   }
   const c10::Device device = params[0].device();
   SgdOptions options{};
-  if constexpr (std::is_same_v<Lr, double>) {
-    options.lr = learning_rate(lr);
-  } else {
-    options.lr = learning_rate(op, lr, device);
-  }
+  options.lr = hyper_param(op, "lr", h.lr, device);
   options.weight_decay = h.weight_decay;
   options.momentum = h.momentum;
   options.dampening = h.dampening;
@@ -235,7 +237,7 @@ void sgd_float_lr(TensorList params, TensorList grads, TensorList momentum_buffe
                   bool maximize, bool is_first_step, const std::optional<Tensor>& grad_scale,
                   const std::optional<Tensor>& found_inf) {
   sgd_cuda(params, grads, momentum_buffers,
-           SgdHyper{weight_decay, momentum, dampening, nesterov, maximize, is_first_step}, lr,
+           SgdHyper{lr, weight_decay, momentum, dampening, nesterov, maximize, is_first_step},
            grad_scale, found_inf);
 }
 
@@ -245,13 +247,14 @@ void sgd_tensor_lr(TensorList params, TensorList grads, TensorList momentum_buff
                    const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf) {
   sgd_cuda(params, grads, momentum_buffers,
-           SgdHyper{weight_decay, momentum, dampening, nesterov, maximize, is_first_step}, lr,
+           SgdHyper{lr, weight_decay, momentum, dampening, nesterov, maximize, is_first_step},
            grad_scale, found_inf);
 }
 
 // ---- Adam / AdamW ---------------------------------------------------------------------------
 struct AdamHyper {
-  double beta1, beta2, weight_decay, eps;
+  HyperArg lr, beta1, beta2, weight_decay;
+  double eps;
   bool amsgrad, maximize, decoupled_weight_decay;
 };
 
@@ -287,9 +290,8 @@ void store_host_step(const Tensor& step, double value) {
   }
 }
 
-template <typename Lr>
 void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-               TensorList max_exp_avg_sqs, TensorList steps, const AdamHyper& h, const Lr& lr,
+               TensorList max_exp_avg_sqs, TensorList steps, const AdamHyper& h,
                const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   constexpr const char* op = "adam_";
   const size_t n = params.size();
@@ -315,14 +317,10 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   const c10::Device device = params[0].device();
   const bool capturable = check_steps(op, steps, device);
   AdamOptions options{};
-  if constexpr (std::is_same_v<Lr, double>) {
-    options.lr = learning_rate(lr);
-  } else {
-    options.lr = learning_rate(op, lr, device);
-  }
-  options.beta1 = h.beta1;
-  options.beta2 = h.beta2;
-  options.weight_decay = h.weight_decay;
+  options.lr = hyper_param(op, "lr", h.lr, device);
+  options.beta1 = hyper_param(op, "beta1", h.beta1, device);
+  options.beta2 = hyper_param(op, "beta2", h.beta2, device);
+  options.weight_decay = hyper_param(op, "weight_decay", h.weight_decay, device);
   options.eps = h.eps;
   options.amsgrad = h.amsgrad;
   options.maximize = h.maximize;
@@ -330,6 +328,9 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   options.capturable = capturable;
   options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
+  TORCH_CHECK(betas_usable(options), "fused_opt.", op, ": betas on ", device,
+              " need the steps there too (capturable=True): without, the host computes the bias ",
+              "corrections");
 
   const c10::cuda::CUDAGuard guard(device);
   check_before_launch(op, device);
@@ -388,9 +389,10 @@ void adam_float_lr(TensorList params, TensorList grads, TensorList exp_avgs, Ten
                    double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                    bool decoupled_weight_decay, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf) {
-  adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-            AdamHyper{beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-            lr, grad_scale, found_inf);
+  adam_cuda(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+      AdamHyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+      grad_scale, found_inf);
 }
 
 void adam_tensor_lr(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -399,9 +401,23 @@ void adam_tensor_lr(TensorList params, TensorList grads, TensorList exp_avgs,
                     bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<Tensor>& grad_scale,
                     const std::optional<Tensor>& found_inf) {
-  adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-            AdamHyper{beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-            lr, grad_scale, found_inf);
+  adam_cuda(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+      AdamHyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+      grad_scale, found_inf);
+}
+
+// lr, the betas and weight decay as tensors: on the device they are read by the kernels only.
+void adam_tensor_hyper(TensorList params, TensorList grads, TensorList exp_avgs,
+                       TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps,
+                       const Tensor& lr, const Tensor& beta1, const Tensor& beta2,
+                       const Tensor& weight_decay, double eps, bool amsgrad, bool maximize,
+                       bool decoupled_weight_decay, const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& found_inf) {
+  adam_cuda(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+      AdamHyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+      grad_scale, found_inf);
 }
 
 // fused_opt._C_cuda.kernel_image_problem(index): None when the kernels run on cuda:index, the
@@ -433,6 +449,7 @@ TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
   m.impl("sgd_.tensor_lr", &sgd_tensor_lr);
   m.impl("adam_", &adam_float_lr);
   m.impl("adam_.tensor_lr", &adam_tensor_lr);
+  m.impl("adam_.tensor_hyper", &adam_tensor_hyper);
 }
 
 }  // namespace cuda

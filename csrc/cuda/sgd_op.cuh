@@ -15,7 +15,7 @@ namespace fused_opt {
 namespace cuda {
 
 struct SgdArgs {
-  LearningRate lr;
+  HyperParam lr;
   double weight_decay;
   double momentum;
   double dampening;
@@ -39,8 +39,8 @@ struct SgdOp {
   math::SgdScalars<Compute> s;
 
   FUSED_OPT_HOST_DEVICE SgdOp(const Args& a, const PerTensor&)
-      : s(math::make_sgd_scalars<Compute>(load_learning_rate(a.lr), a.weight_decay, a.momentum,
-                                          a.dampening, a.nesterov, a.maximize, a.is_first_step,
+      : s(math::make_sgd_scalars<Compute>(load_hyper(a.lr), a.weight_decay, a.momentum, a.dampening,
+                                          a.nesterov, a.maximize, a.is_first_step,
                                           a.grad_scale != nullptr,
                                           a.grad_scale != nullptr ? *a.grad_scale : 1.0f)) {}
 

@@ -33,6 +33,7 @@ from ..functional import (
     hyper_names,
     kernel,
     list_names,
+    lr_for,
     on_device,
 )
 from . import _state
@@ -152,10 +153,10 @@ def check_number(value: Any, name: str, tensor_error: type[Exception] = RuntimeE
 
 
 class Call(NamedTuple):
-    """One kernel call: lr, the tensor lists and the keyword-only arguments in the schema's
-    order, and what to do once it ran (store state the step created)."""
+    """One kernel call: the op's overload, the tensor lists and the keyword-only arguments in
+    the schema's order, and what to do once it ran (store state the step created)."""
 
-    lr: float | Tensor
+    overload: str
     tensor_lists: tuple
     hyper: tuple
     done: Callable[[], None] | None = None
@@ -180,13 +181,14 @@ class Bucket:
         self.device = device
         self.backend = backend
         self.op = op
-        # Indexed by "lr is a Tensor": the float-lr and the tensor-lr kernel.
-        self.kernels = (kernel(op, backend, device, False), kernel(op, backend, device, True))
+        # By overload ("default", "tensor_lr", Adam's "tensor_hyper"): the kernel of each.
+        self.kernels = {name: kernel(op, backend, device, name) for name in _ops.OVERLOADS[op]}
         # Their direct entry points (eager cpp kernels), else None: see FusedOptimizer._run.
-        self.directs = tuple(getattr(k, "direct", None) for k in self.kernels)
+        self.directs = {name: getattr(k, "direct", None) for name, k in self.kernels.items()}
         # The cpp kernels' checks alone (check_sgd_ / check_adam_), else None: see check().
         native = _ops.native_module("cpp")
-        self.checks = getattr(native, f"check_{op}") if self.directs[0] is not None else None
+        direct = self.directs["default"] is not None
+        self.checks = getattr(native, f"check_{op}") if direct else None
         self.index = index  # positions in group["params"]
         self.owners = owners  # the params themselves (state keys)
         self.viewed = any(_needs_view(p) for p in owners)
@@ -197,7 +199,7 @@ class Bucket:
         # Tensor or Parameter params): no Python object is then made for a new grad.
         self.reads_grads = (
             not self.viewed
-            and all(getattr(k, "reads_grads", False) for k in self.kernels)
+            and all(getattr(k, "reads_grads", False) for k in self.kernels.values())
             and all(type(p) is torch.nn.Parameter or type(p) is Tensor for p in owners)
         )
 
@@ -290,8 +292,9 @@ class FusedOptimizer:
     # profile_hook_step): its kernels are then called straight through their direct entry
     # points, without asking again.
     _unobserved = False
-    # This step's lr tensors moved to other devices, by group and device: see _bucket_lr.
-    _moved_lrs: dict[int, dict]
+    # This step's hyper-parameter tensors moved to other devices, by group, name and device:
+    # see functional.lr_for and hyper_for.
+    _moved_hyper: dict[int, dict]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -340,13 +343,12 @@ class FusedOptimizer:
         return any(isinstance(t, Tensor) and t.layout != torch.strided for t in state.values())
 
     def _bucket_lr(self, group: dict[str, Any], bucket: Bucket) -> float | Tensor:
-        """The group's lr as the bucket's kernel reads it: an lr tensor on another device than
-        the bucket's moved there once per step (a CPU lr is read on the host by every kernel).
-        Without this the second device's kernel would refuse it after the first had stepped."""
-        lr = group["lr"]
-        if not isinstance(lr, Tensor) or lr.device.type == "cpu":
-            return lr
-        return on_device(lr, bucket.device, self._moved_lrs.setdefault(id(group), {}))
+        """The group's lr as the bucket's kernel reads it (see functional.lr_for)."""
+        return lr_for(bucket.device, group["lr"], self._moved(group))
+
+    def _moved(self, group: dict[str, Any]) -> dict:
+        """This step's copies of the group's hyper-parameter tensors on other devices."""
+        return self._moved_hyper.setdefault(id(group), {})
 
     def _run(self, bucket: Bucket, call: Call) -> Any:
         """Runs ``call`` on the bucket's kernel.
@@ -356,13 +358,12 @@ class FusedOptimizer:
         13-21 us less a step with the caches cold, as after a backward pass (of 65-135 for one
         small param), 1 us less warm (of 4.5).
         """
-        tensor_lr = isinstance(call.lr, Tensor)
-        direct = bucket.directs[tensor_lr]
+        direct = bucket.directs[call.overload]
         if direct is not None and self._unobserved:
             done = direct(*call.tensor_lists, *call.hyper)
         else:
             keywords = dict(zip(self._hyper_names, call.hyper, strict=True))
-            done = bucket.kernels[tensor_lr](*call.tensor_lists, **keywords)
+            done = bucket.kernels[call.overload](*call.tensor_lists, **keywords)
         if call.done is not None and done is not False:
             call.done()
         return done
@@ -554,7 +555,7 @@ class FusedOptimizer:
         for group in groups:
             self._check_hyper(group)
         moved: tuple[dict, dict] = ({}, {})
-        self._moved_lrs = {}
+        self._moved_hyper = {}
         careful = False
         if len(groups) == 1:
             group = groups[0]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..functional import hyper_for
 from ._base import Bucket, Call, FusedOptimizer, check_number, state_like, zero_scalars
 
 __all__ = ["Adam", "AdamW"]
@@ -73,8 +74,9 @@ class _AdamFamily(FusedOptimizer):
         check_number(beta2, "betas[1]")
         check_number(group["weight_decay"], "weight_decay")
         check_number(group["eps"], "eps")
-        if float(beta1) == 1 and not isinstance(lr, Tensor):
-            # torch.optim divides lr by the bias correction 1 - beta1 ** step, here 0.
+        if not isinstance(beta1, Tensor) and float(beta1) == 1 and not isinstance(lr, Tensor):
+            # torch.optim divides lr by the bias correction 1 - beta1 ** step, here 0 (a tensor
+            # beta1 makes that tensor arithmetic: inf, no error, and no host read here).
             raise ZeroDivisionError("float division by zero (betas[0] == 1)")
 
     def _state_by_torch_optim(self, state: dict[str, Any]) -> bool:
@@ -88,12 +90,13 @@ class _AdamFamily(FusedOptimizer):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = bucket.state
         beta1, beta2 = group["betas"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
-        lr = self._bucket_lr(group, bucket)
-        return Call(lr, (
+        overload, hyper = hyper_for(bucket.device, group["lr"], beta1, beta2,
+                                    group["weight_decay"], self._moved(group))  # fmt: skip
+        return Call(overload, (
             bucket.params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         ), (
-            lr, float(beta1), float(beta2), float(group["weight_decay"]), group["eps"],
-            group["amsgrad"], group["maximize"], decoupled, grad_scale, found_inf,
+            *hyper, group["eps"], group["amsgrad"], group["maximize"], decoupled, grad_scale,
+            found_inf,
         ))  # fmt: skip
 
 

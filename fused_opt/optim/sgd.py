@@ -104,7 +104,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = buffer
 
         lr = self._bucket_lr(group, bucket)
-        return Call(lr, (bucket.params, grads, buffers), (
+        overload = "tensor_lr" if isinstance(lr, Tensor) else "default"
+        return Call(overload, (bucket.params, grads, buffers), (
             float(group["weight_decay"]), group["momentum"], lr, group["dampening"],
             group["nesterov"], group["maximize"], bucket.first_step, grad_scale, found_inf,
         ), done)  # fmt: skip

@@ -82,8 +82,8 @@ bool run_groups(const std::vector<TensorDesc>& tensors, MakeGroup make_group) {
   return true;
 }
 
-LearningRate learning_rate(double value, const void* device_ptr, int device_is_double) {
-  return LearningRate{value, device_ptr, device_is_double != 0};
+HyperParam hyper(double value, const void* device_ptr, int device_is_double) {
+  return HyperParam{value, device_ptr, device_is_double != 0};
 }
 
 }  // namespace
@@ -104,7 +104,7 @@ int64_t harness_sgd(int64_t count, const int* dtypes, const int64_t* numels, voi
                            bufs != nullptr ? bufs[i] : nullptr};
   }
   SgdOptions options{};
-  options.lr = learning_rate(lr, lr_ptr, lr_is_double);
+  options.lr = hyper(lr, lr_ptr, lr_is_double);
   options.weight_decay = weight_decay;
   options.momentum = momentum;
   options.dampening = dampening;
@@ -123,14 +123,17 @@ int64_t harness_sgd(int64_t count, const int* dtypes, const int64_t* numels, voi
 
 // launch_adam likewise. Non-capturable: new_steps[i] is tensor i's step after the increment.
 // Capturable (step_ptrs not null): the kernels read the counters (+1) themselves; like the GPU
-// path, this does not increment them (launch_increment_steps does, after the math).
+// path, this does not increment them (launch_increment_steps does, after the math). Each of lr,
+// beta1, beta2 and weight_decay is a (value, device pointer or null, pointer is fp64) triple.
 int64_t harness_adam(int64_t count, const int* dtypes, const int64_t* numels, void* const* params,
                      void* const* grads, void* const* exp_avgs, void* const* exp_avg_sqs,
                      void* const* max_exp_avg_sqs, const double* new_steps,
                      const void* const* step_ptrs, int steps_are_double, double lr,
-                     const void* lr_ptr, int lr_is_double, double beta1, double beta2,
-                     double weight_decay, double eps, int amsgrad, int maximize, int decoupled,
-                     const float* grad_scale, const float* found_inf) {
+                     const void* lr_ptr, int lr_is_double, double beta1, const void* beta1_ptr,
+                     int beta1_is_double, double beta2, const void* beta2_ptr, int beta2_is_double,
+                     double weight_decay, const void* weight_decay_ptr, int weight_decay_is_double,
+                     double eps, int amsgrad, int maximize, int decoupled, const float* grad_scale,
+                     const float* found_inf) {
   const bool capturable = step_ptrs != nullptr;
   std::vector<AdamTensor> tensors(count);
   for (int64_t i = 0; i < count; ++i) {
@@ -147,10 +150,10 @@ int64_t harness_adam(int64_t count, const int* dtypes, const int64_t* numels, vo
     t.device_step_is_double = steps_are_double != 0;
   }
   AdamOptions options{};
-  options.lr = learning_rate(lr, lr_ptr, lr_is_double);
-  options.beta1 = beta1;
-  options.beta2 = beta2;
-  options.weight_decay = weight_decay;
+  options.lr = hyper(lr, lr_ptr, lr_is_double);
+  options.beta1 = hyper(beta1, beta1_ptr, beta1_is_double);
+  options.beta2 = hyper(beta2, beta2_ptr, beta2_is_double);
+  options.weight_decay = hyper(weight_decay, weight_decay_ptr, weight_decay_is_double);
   options.eps = eps;
   options.amsgrad = amsgrad != 0;
   options.maximize = maximize != 0;
@@ -159,6 +162,7 @@ int64_t harness_adam(int64_t count, const int* dtypes, const int64_t* numels, vo
   options.grad_scale = grad_scale;
   options.found_inf = found_inf;
   HostEmulator emulator;
+  if (!betas_usable(options)) return -1;  // as run_adam refuses
   const AdamArgs args = make_adam_args(options);
   const bool ok = run_groups(tensors, [&](DType dtype) {
     return AdamGroup<HostEmulator>{tensors.data(), count, dtype, options, args, emulator};
