@@ -16,12 +16,14 @@ Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py
   MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
   CXX, NVCC             paths          the compilers.
 
-Versions: a compiled build works only with the torch minor it was compiled against, so it
-requires torch==X.Y.* and, built from a checkout, carries a local version label naming that torch
-and its CUDA: 0.1.0+torch2.13cpu, 0.1.0+torch2.11cu130. A build from the sdist keeps the sdist's
-plain version (pip refuses a wheel whose version differs from the sdist it came from), and a
-pure-Python build (FUSED_OPT_BUILD_EXT=0) is plain and requires any torch>=2.4. Every build writes
-fused_opt/_build_info.json (shown by `python -m fused_opt`); the sdist ships sources only.
+Versions: the compiled kernels use torch's stable ABI (TORCH_TARGET) and CPython's limited API
+(PYTHON_TARGET), so a build requires torch>=TORCH_TARGET and its wheel is tagged cp310-abi3. The
+accelerator fused_opt._C_direct is the exception: built against this torch and this Python, it is
+loaded only where both match. A CUDA build from a checkout carries the local label of its CUDA
+major (0.1.0+cu13); a build from the sdist keeps the sdist's plain version (pip refuses a wheel
+whose version differs from the sdist it came from). A pure-Python build (FUSED_OPT_BUILD_EXT=0)
+requires any torch>=2.4. Every build writes fused_opt/_build_info.json (shown by
+`python -m fused_opt`); the sdist ships sources only.
 """
 
 from __future__ import annotations
@@ -112,15 +114,11 @@ def write_build_info(info: dict) -> None:
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def torch_minor(torch_version: str) -> str:
-    """'2.13.0+cpu' -> '2.13'."""
-    return ".".join(torch_version.split("+")[0].split(".")[:2])
-
-
-def local_version_label(torch_version: str, cuda_version: str | None) -> str:
-    """'torch2.13cpu', 'torch2.11cu130': the torch minor and CUDA a binary build needs."""
-    accelerator = "cu" + "".join(cuda_version.split(".")[:2]) if cuda_version else "cpu"
-    return f"torch{torch_minor(torch_version)}{accelerator}"
+def cuda_label(cuda_version: str | None) -> str | None:
+    """'13.0' -> 'cu13': the local version label of a CUDA build. It names the CUDA major whose
+    runtime the binary links (that of the node's torch), not a torch release: any torch from
+    TORCH_TARGET on runs it. A CPU build has none."""
+    return f"cu{cuda_version.split('.')[0]}" if cuda_version else None
 
 
 def building_sdist() -> bool:
@@ -153,8 +151,35 @@ CPU_ISA_FLAGS["avx512bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
 CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 
+# The stable ABI version the compiled ops target: the lowest torch whose stable ABI has what they
+# use (tensor lists, parallel_for and get_num_threads: 2.10). docs/INSTALL.md says why.
+TORCH_TARGET = "2.10"
+# CPython's limited API: one binary for every Python from this version on (abi3).
+PYTHON_TARGET = "3.10"
+
+
+def stable_abi_macros() -> list[tuple[str, str]]:
+    """Macros that hold a binary to torch's stable ABI of TORCH_TARGET and CPython's limited API
+    of PYTHON_TARGET (with TORCH_TARGET_VERSION, torch's unstable headers refuse to compile)."""
+    torch_major, torch_minor = (int(x) for x in TORCH_TARGET.split("."))
+    py_major, py_minor = (int(x) for x in PYTHON_TARGET.split("."))
+    return [
+        ("TORCH_TARGET_VERSION", f"0x{torch_major:02x}{torch_minor:02x}000000000000"),
+        ("Py_LIMITED_API", f"0x{py_major:02x}{py_minor:02x}0000"),
+    ]
+
+
+def glibc_floor() -> tuple[list[str], list[str]]:
+    """(sources, link flags) that hold a library to glibc 2.28 symbols (csrc/common/glibc_floor.cpp)
+    on Linux with glibc; nothing elsewhere."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return [], []
+    return ["csrc/common/glibc_floor.cpp"], ["-Wl,--wrap=pow", "-Wl,--wrap=dlsym"]
+
+
 def cpu_extension(root: Path, isas: list[str]):
-    """The fused_opt._C extension: CPU kernels, one object per SIMD variant, and the glue.
+    """The fused_opt._C extension: CPU kernels, one object per SIMD variant, and the glue, on the
+    stable ABI and the limited API.
 
     The glue and the portable baseline are the extension's own sources; each ISA variant's
     kernels_<isa>.cpp is listed in ``ext.isa_sources`` with its flags and compiled by the
@@ -165,21 +190,43 @@ def cpu_extension(root: Path, isas: list[str]):
     if sys.platform == "win32":  # the ISA flags and cpu detection below are GCC/Clang's
         isas = []
     cpu = "csrc/cpu"
-    sources = [f"{cpu}/{name}.cpp" for name in ("ops", "step", "isa", "module", "kernels_baseline")]
-    # at::parallel_for is a header template: without OpenMP in *our* objects it runs serially.
-    openmp = {"linux": ["-fopenmp"], "win32": ["/openmp"]}.get(sys.platform, [])
+    floor_sources, floor_flags = glibc_floor()
+    sources = [f"{cpu}/{name}.cpp" for name in ("ops", "isa", "module", "kernels_baseline")]
     ext = CppExtension(
         "fused_opt._C",
-        sources,
-        extra_compile_args=openmp + ([] if sys.platform == "win32" else CPU_KERNEL_FLAGS),
-        extra_link_args=openmp if sys.platform == "linux" else [],
-        define_macros=[(f"FUSED_OPT_HAVE_{isa.upper()}", "1") for isa in isas],
+        sources + floor_sources,
+        extra_compile_args=[] if sys.platform == "win32" else CPU_KERNEL_FLAGS,
+        extra_link_args=floor_flags,
+        define_macros=[(f"FUSED_OPT_HAVE_{isa.upper()}", "1") for isa in isas]
+        + stable_abi_macros(),
         depends=[str(path.relative_to(root)) for path in sorted((root / cpu).glob("*.h"))],
+        py_limited_api=True,
     )
     ext.isa_sources = [
         (f"{cpu}/kernels_{isa}.cpp", CPU_KERNEL_FLAGS + CPU_ISA_FLAGS[isa]) for isa in isas
     ]
     return ext
+
+
+def direct_extension(root: Path):
+    """The optional accelerator fused_opt._C_direct: the direct entry points, on torch's C++ API
+    and the full CPython API, so tied to the torch and the Python it is built with (fused_opt
+    loads it only there)."""
+    from torch.utils.cpp_extension import CppExtension
+
+    headers = sorted((root / "csrc" / "direct").glob("*.h")) + sorted(
+        (root / "csrc/cpu").glob("*.h")
+    )
+    floor_sources, floor_flags = glibc_floor()
+    # at::parallel_for is inline OpenMP in torch's headers: the accelerator compiles it.
+    openmp = {"linux": ["-fopenmp"], "win32": ["/openmp"]}.get(sys.platform, [])
+    return CppExtension(
+        "fused_opt._C_direct",
+        ["csrc/direct/module.cpp", *floor_sources],
+        extra_compile_args=openmp + ([] if sys.platform == "win32" else ["-O3"]),
+        extra_link_args=floor_flags + (openmp if sys.platform == "linux" else []),
+        depends=[str(path.relative_to(root)) for path in headers],
+    )
 
 
 def with_isa_objects(build_ext_class):
@@ -338,12 +385,17 @@ def cuda_extension(root: Path, choice: str):
     cuda = root / "csrc" / "cuda"
     kernels = [f"csrc/cuda/{path.name}" for path in sorted(cuda.glob("*.cu"))]
     headers = sorted(cuda.glob("*.cuh")) + sorted(cuda.glob("*.h"))
+    floor_sources, floor_flags = glibc_floor()
     extension = cpp_extension.CUDAExtension(
         "fused_opt._C_cuda",
-        ["csrc/cuda/ops_cuda.cpp", *kernels],
+        ["csrc/cuda/ops_cuda.cpp", *kernels, *floor_sources],
+        extra_link_args=floor_flags,
         # No fast math: the kernels must round like torch.optim (IEEE division and sqrt).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        # USE_CUDA: the CUDA part of AOTInductor's C shim (the current stream).
+        define_macros=[*stable_abi_macros(), ("USE_CUDA", "1")],
         depends=[str(path.relative_to(root)) for path in headers],
+        py_limited_api=True,
     )
     return extension, cuda_version, arch_list
 
@@ -359,6 +411,7 @@ def main() -> None:
     info: dict = {"version": version, "extensions": build_ext == "1"}
     ext_modules: list = []
     cmdclass: dict = {}
+    options: dict = {}
     install_requires = ["torch>=2.4"]
 
     if build_ext == "1":
@@ -372,8 +425,15 @@ def main() -> None:
             cpu_isas=["baseline"] + (isas := cpu_isas()),
             cuda_version=None,
             cuda_archs=[],
+            torch_target=TORCH_TARGET,
+            python_target=PYTHON_TARGET,
+            # The accelerator (_C_direct) serves this torch release and this Python only.
+            direct_python=platform.python_version(),
         )
-        ext_modules.append(cpu_extension(ROOT, isas))
+        ext_modules += [cpu_extension(ROOT, isas), direct_extension(ROOT)]
+        # An earlier in-place build's per-Python _C would shadow the abi3 one.
+        for stale in (ROOT / "fused_opt").glob("_C.cpython-*"):
+            stale.unlink()
         cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"))
         if cuda is not None:
             extension, cuda_version, archs = cuda
@@ -382,10 +442,13 @@ def main() -> None:
         cmdclass["build_ext"] = with_isa_objects(BuildExtension).with_options(
             no_python_abi_suffix=False
         )
-        # The binary works only with the torch minor it was compiled against.
-        install_requires = [f"torch=={torch_minor(torch.__version__)}.*"]
-        if not from_sdist():
-            label = local_version_label(torch.__version__, info["cuda_version"])
+        # The stable ABI and abi3: any torch from the target on, any Python from 3.10 (the
+        # accelerator _C_direct is optional: loaded only where it matches).
+        install_requires = [f"torch>={TORCH_TARGET}"]
+        options["bdist_wheel"] = {"py_limited_api": "cp" + PYTHON_TARGET.replace(".", "")}
+        if from_sdist():
+            info["from_sdist"] = True  # the sdist's version: no label
+        elif label := cuda_label(info["cuda_version"]):
             version = f"{VERSION}+{label}"
             info["version"] = version
 
@@ -395,6 +458,7 @@ def main() -> None:
         install_requires=install_requires,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
+        options=options,
     )
 
 

@@ -235,13 +235,12 @@ def measure_bandwidth(
 
 
 def _stream_pass() -> Callable[[list[torch.Tensor]], None] | None:
-    """fused_opt's own streaming pass (fused_opt._C.stream_pass), when its CPU kernels load."""
+    """fused_opt's own streaming pass (fused_opt._ops.stream_pass), when its CPU kernels load."""
     try:
-        from fused_opt._ops import native_module
+        from fused_opt import _ops
     except ImportError:
         return None
-    module = native_module("cpp")
-    return getattr(module, "stream_pass", None) if module is not None else None
+    return _ops.stream_pass if _ops.native_module("cpp") is not None else None
 
 
 class BandwidthProbe:
@@ -252,7 +251,7 @@ class BandwidthProbe:
     does before each case; ``time_one_pass`` is the single pass ``time_rounds`` takes before
     each call, so a result can be compared with the bandwidth of its own moment.
 
-    CPU: ``fused_opt._C.stream_pass`` over as many arrays of ``elements`` fp32 as the step
+    CPU: ``fused_opt._ops.stream_pass`` over as many arrays of ``elements`` fp32 as the step
     streams (``use_streams``), reading every one and writing back all but one, as a step does,
     with the kernels' own loop and loads ahead but no arithmetic to wait on. The bandwidth a
     pass reaches depends on its shape (2-core Intel Xeon, 256 MB arrays, medians of 7 passes,
@@ -282,7 +281,7 @@ class BandwidthProbe:
         if self.out is not None:
             return "a device copy"
         if self._native is not None:
-            return "fused_opt._C.stream_pass over the step's streams"
+            return "fused_opt._ops.stream_pass over the step's streams"
         return "torch's x *= c (the compiled kernels are missing)"
 
     def _new_array(self) -> torch.Tensor:

@@ -21,6 +21,7 @@ def _cpu_report() -> list[str]:
         f"  cpp      SIMD variants compiled: {', '.join(native.isa_compiled())}",
         f"           this CPU runs: {', '.join(native.isa_supported())}; "
         f"active: {native.isa_active()} (force a lower one with FUSED_OPT_CPU_ISA)",
+        f"           accelerator (direct entry points): {_ops.DIRECT_NOTE}",
     ]
 
 
@@ -117,8 +118,11 @@ def main() -> int:
     elif not info.get("extensions"):
         lines.append("  pure Python, no compiled kernels (FUSED_OPT_BUILD_EXT=0)")
     else:
+        direct = f"torch {info.get('torch_version')}, python {info.get('direct_python', '?')}"
         lines += [
             f"  against torch {info.get('torch_version')} with {info.get('compiler', '?')}",
+            f"  stable ABI: torch >= {info.get('torch_target', '?')}, python >= "
+            f"{info.get('python_target', '?')} (abi3); the accelerator: {direct} only",
             f"  CPU SIMD variants: {', '.join(info.get('cpu_isas', [])) or 'none'}",
             f"  CUDA: {info.get('cuda_version') or 'not built'}; archs: "
             f"{', '.join(info.get('cuda_archs', [])) or '-'}",

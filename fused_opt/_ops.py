@@ -15,9 +15,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
+import re
 import struct
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,9 @@ __all__ = [
     "cuda_ready",
     "kernel_registered",
     "native_module",
+    "direct_module",
+    "divide_by_constant",
+    "stream_pass",
 ]
 
 _LIB = torch.library.Library("fused_opt", "DEF")
@@ -79,6 +85,37 @@ for _name, (_args, _kernel, _overloads) in _OPS.items():
         torch.library.register_fake(_qualname, lambda *args, **kwargs: None, lib=_LIB)
 
 
+def _count_updates(op: Any, written: tuple[int, ...]) -> Callable[..., None]:
+    """The ADInplaceOrView kernel of ``op``: runs it below that key, then counts the in-place
+    update of every tensor of the mutable lists at positions ``written`` for autograd's
+    saved-tensor checks, as torch's own in-place ops do. The compiled kernels cannot (torch's
+    stable ABI has no version counters); counting twice, as the torch backend's own in-place ops
+    then do, is harmless. A step that a CPU found_inf skipped changes nothing, versions included;
+    a device found_inf is not read (that would wait for the device), nor a traced one (a fake or
+    functional tensor has no value), so their steps count."""
+
+    def kernel(*args: Any, **kwargs: Any) -> None:
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            op(*args, **kwargs)
+        found_inf = kwargs.get("found_inf")
+        if (
+            type(found_inf) is torch.Tensor
+            and found_inf.device.type == "cpu"
+            and not torch._is_functional_tensor(found_inf)
+            and found_inf.item() != 0
+        ):
+            return
+        torch._C._increment_version([t for i in written for t in args[i]])
+
+    return kernel
+
+
+for _name, _written in (("sgd_", (0, 2)), ("adam_", (0, 2, 3, 4, 5))):
+    for _overload in _OPS[_name][2]:
+        _resolved = getattr(getattr(torch.ops.fused_opt, _name), _overload[1:] or "default")
+        _LIB.impl(f"{_name}{_overload}", _count_updates(_resolved, _written), "ADInplaceOrView")
+
+
 class FallbackWarning(UserWarning):
     """The compiled kernels could not be loaded; the pure-PyTorch backend runs instead."""
 
@@ -102,6 +139,11 @@ LOAD_ERRORS: dict[str, str] = {}
 _cuda_module: Any | None = None
 
 _NATIVE_MODULES = {"cpp": "fused_opt._C", "cuda": "fused_opt._C_cuda"}
+# The optional accelerator of the cpp backend (direct entry points; see csrc/direct), loaded
+# only on the torch release it was built against; None where it did not load, and why.
+_DIRECT_MODULE = "fused_opt._C_direct"
+DIRECT: Any | None = None
+DIRECT_NOTE = "not loaded"
 _REMEDY = (
     "Rebuild it against the installed torch with `pip install --no-build-isolation -e .` "
     "(needs a C++ compiler), or install the wheel built for this torch. "
@@ -205,17 +247,57 @@ def _note_isa_request(native: Any) -> None:
         print(f"RuntimeWarning: {note}", file=sys.stderr)
 
 
-def _load_native() -> None:
+def _release(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); '2.14.0a0+git' -> (2, 14, 0)."""
+    parts = re.findall(r"\d+", version.split("+")[0])[:3]
+    return tuple(int(p) for p in parts)
+
+
+def _load_problem(backend: str) -> str | None:
+    """Why ``backend``'s module must not be loaded under the running torch, or None.
+
+    The CPU kernels use torch's stable ABI: any torch from the build's target version on runs
+    them. A binary on torch's C++ API (the CUDA kernels) works only with the torch minor it was
+    compiled against and can crash on load under another: never try it."""
     built_for = BUILD_INFO.get("torch_version")
-    if built_for and _torch_minor(built_for) != _torch_minor(torch.__version__):
-        # A binary built for another torch minor can crash on load: never try it.
-        reason = (
-            f"it was built against torch {built_for} but torch {torch.__version__} is installed"
-        )
-        for backend in _NATIVE_MODULES:
-            LOAD_ERRORS[backend] = reason
+    if not built_for:
+        return None
+    target = BUILD_INFO.get("torch_target") if backend == "cpp" else None
+    if target:
+        if _release(torch.__version__)[:2] < _release(target)[:2]:
+            return (
+                f"it needs torch >= {target} (the stable ABI it targets), not {torch.__version__}"
+            )
+        return None
+    if _torch_minor(built_for) != _torch_minor(torch.__version__):
+        return f"it was built against torch {built_for} but torch {torch.__version__} is installed"
+    return None
+
+
+def _load_direct() -> None:
+    """Load the accelerator where it matches the running torch release; else note why not."""
+    global DIRECT, DIRECT_NOTE
+    built_for = BUILD_INFO.get("torch_version", "")
+    if os.environ.get("FUSED_OPT_DIRECT") == "0":  # benchmarks and tests of the stable path
+        DIRECT_NOTE = "disabled by FUSED_OPT_DIRECT=0"
         return
+    if _release(built_for) != _release(torch.__version__):
+        DIRECT_NOTE = f"built for torch {built_for}; torch {torch.__version__} runs"
+        return
+    try:
+        DIRECT = _import_native(_DIRECT_MODULE)
+        DIRECT_NOTE = "loaded"
+    except ModuleNotFoundError:
+        DIRECT_NOTE = f"not built for this Python ({platform.python_version()})"
+    except Exception as exc:  # an undefined symbol of another torch build
+        DIRECT_NOTE = f"{type(exc).__name__}: {exc}"
+
+
+def _load_native() -> None:
     for backend, module in _NATIVE_MODULES.items():
+        if problem := _load_problem(backend):
+            LOAD_ERRORS[backend] = problem
+            continue
         try:
             loaded = _import_native(module)
             if backend == "cuda":  # usable once a device is seen: see cuda_ready()
@@ -231,6 +313,7 @@ def _load_native() -> None:
             LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
     if "cpp" in COMPILED:
         _note_isa_request(COMPILED["cpp"])
+        _load_direct()
 
 
 def _missing_reasons() -> list[str]:
@@ -279,6 +362,45 @@ def native_module(backend: str) -> Any | None:
     if backend == "cuda":
         cuda_ready()
     return COMPILED.get(backend)
+
+
+def direct_module() -> Any | None:
+    """The cpp backend's accelerator (fused_opt._C_direct) where it loaded, else None."""
+    return DIRECT
+
+
+def _cpu_floats(t: torch.Tensor, name: str) -> None:
+    if not (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()):
+        raise ValueError(f"{name} must be a contiguous fp32 CPU tensor")
+
+
+def divide_by_constant(x: torch.Tensor, out: torch.Tensor, c: float) -> None:
+    """out = x / c as the active SIMD variant's 16-bit Adam kernels divide (for the tests)."""
+    _cpu_floats(x, "x")
+    _cpu_floats(out, "out")
+    if x.numel() != out.numel():
+        raise ValueError("divide_by_constant: x and out must have one size")
+    COMPILED["cpp"].divide_by_constant_at(x.data_ptr(), out.data_ptr(), x.numel(), c)
+
+
+def stream_pass(arrays: list[torch.Tensor]) -> None:
+    """The bandwidth floor's pass over 1 to 5 contiguous fp32 CPU tensors of one size, as the
+    step's kernels stream memory (every array read, all but the second written back unchanged;
+    finite data)."""
+    if not isinstance(arrays, (list, tuple)) or not all(
+        isinstance(t, torch.Tensor) for t in arrays
+    ):
+        raise TypeError("stream_pass: arrays must be a list of tensors")
+    usable = 1 <= len(arrays) <= 5 and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        and t.numel() == arrays[0].numel()
+        for t in arrays
+    )  # fmt: skip
+    if not usable:
+        raise ValueError(
+            "stream_pass: arrays must be 1 to 5 contiguous fp32 CPU tensors of one size"
+        )
+    COMPILED["cpp"].stream_pass_at([t.data_ptr() for t in arrays], arrays[0].numel())
 
 
 def kernel_registered(device_type: str) -> bool:

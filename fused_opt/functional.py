@@ -29,9 +29,9 @@ def _observed() -> bool:
     RecordFunction callback. Tracing is asked first: under torch.compile the rest is not run."""
     if _is_compiling():
         return True
-    native = _ops.COMPILED.get("cpp")
-    if native is not None:
-        return native.observed()  # the checks below and RecordFunction callbacks, in one call
+    direct = _ops.DIRECT
+    if direct is not None:
+        return direct.observed()  # the checks below and RecordFunction callbacks, in one call
     return (
         torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() > 0
@@ -87,11 +87,11 @@ def grads_of(params: list[Tensor]) -> tuple[list[Tensor | None], list[int]]:
     the C++ loop overlaps across params (about a third of the time on thousands of params).
     Under tracing or a mode the attribute is read as usual.
     """
-    native = _ops.native_module("cpp")
-    if native is None or _observed():
+    direct = _ops.direct_module()
+    if direct is None or _observed():
         grads = [p.grad for p in params]
         return grads, [i for i, g in enumerate(grads) if g is None]
-    return native.grads_of(params)
+    return direct.grads_of(params)
 
 
 def kernel(
@@ -108,9 +108,9 @@ def kernel(
     if backend == "torch" and _ops.kernel_registered(device.type):
         return getattr(_torch_kernels, op)
     resolved = getattr(getattr(torch.ops.fused_opt, op), overload)
-    native = _ops.native_module("cpp")
-    if backend == "cpp" and native is not None and not torch.compiler.is_compiling():
-        return _DirectInEager(getattr(native, op), resolved)
+    direct = _ops.direct_module()
+    if backend == "cpp" and direct is not None and not torch.compiler.is_compiling():
+        return _DirectInEager(getattr(direct, op), resolved)
     return resolved
 
 

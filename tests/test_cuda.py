@@ -85,38 +85,72 @@ def test_cuda_sources_compile_for_every_default_arch():
         assert name in result.stdout
 
 
-_SIGNATURE_CHECK = """
-import os, sys
-os.environ["FUSED_OPT_DISABLE_NATIVE"] = "1"  # no real kernels: the stubs below take the CUDA key
-import fused_opt  # defines the op schemas
-from torch.utils.cpp_extension import load_inline
-load_inline("fused_opt_cuda_signatures", cpp_sources=[sys.stdin.read()],
-            build_directory=sys.argv[1], is_python_module=False)
-"""
+# The C++ type each schema type reaches a stable-ABI kernel as (TORCH_BOX unboxes by position:
+# a mismatch would read one type's bits as another's, so it must never compile).
+_STABLE_TYPES = {
+    "List[Tensor]": "std::vector<Tensor>",
+    "Tensor": "Tensor",
+    "Optional[Tensor]": "std::optional<Tensor>",
+    "float": "double",
+    "bool": "bool",
+}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_glue_signatures_match_the_op_schemas(tmp_path):
-    # The dispatcher infers a schema from each C++ kernel's signature and rejects a mismatch with
-    # the Python-defined schema when the library loads. Without CUDA the glue cannot load, so its
-    # signatures and its registration block are compiled here around empty bodies.
+    """Each CUDA kernel registered with TORCH_BOX takes, position by position, the C++ types its
+    op overload's schema passes: checked by static_asserts compiled against the glue's
+    declarations (without CUDA the glue cannot load)."""
     glue = (ROOT / "csrc" / "cuda" / "ops_cuda.cpp").read_text()
-    signatures = re.findall(
-        r"^void (\w+_(?:float_lr|tensor_lr|tensor_hyper)\(.*?\)) \{", glue, re.M | re.S
-    )
-    registration = re.search(
-        r"^TORCH_LIBRARY_IMPL\(fused_opt, CUDA, m\) \{.*?^\}", glue, re.M | re.S
-    )
-    assert len(signatures) == 5 and registration
+    pattern = r"^void ((\w+_(?:float_lr|tensor_lr|tensor_hyper))\(.*?\)) \{"
+    signatures = {name: signature for signature, name in re.findall(pattern, glue, re.M | re.S)}
+    registered = re.findall(r'm\.impl\("([\w.]+)", TORCH_BOX\(&(\w+)\)\);', glue)
+    expected = {
+        f"{op}.{o}".replace(".default", "") for op in ("sgd_", "adam_") for o in _ops.OVERLOADS[op]
+    }
+    assert {name for name, _ in registered} == expected and len(signatures) == len(expected)
+    checks = []
+    for overload, function in registered:
+        op, _, name = overload.partition(".")
+        schema = getattr(getattr(torch.ops.fused_opt, op), name or "default")._schema
+        types = ", ".join(_STABLE_TYPES[str(arg.type)] for arg in schema.arguments)
+        checks.append(
+            f"static_assert(std::is_same_v<Params<decltype({function})>::type, "
+            f'std::tuple<{types}>>, "{function} does not take the arguments of '
+            f'fused_opt::{overload}");'
+        )
     source = "\n".join(
-        ["#include <torch/library.h>", "using at::Tensor;", "using at::TensorList;"]
-        + [f"void {signature} {{}}" for signature in signatures]
-        + [registration.group(0)]
+        [
+            "#include <torch/csrc/stable/tensor.h>",
+            "#include <optional>",
+            "#include <tuple>",
+            "#include <type_traits>",
+            "#include <vector>",
+            "using torch::stable::Tensor;",
+            "using TensorList = const std::vector<Tensor>&;",
+            "template <typename F> struct Params;",
+            "template <typename R, typename... A> struct Params<R(A...)> {",
+            "  using type = std::tuple<std::remove_cv_t<std::remove_reference_t<A>>...>;",
+            "};",
+        ]
+        + [f"void {signature};" for signature in signatures.values()]
+        + checks
     )
+    check = tmp_path / "signatures.cpp"
+    check.write_text(source)
+    from torch.utils.cpp_extension import include_paths
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        import setup
+    finally:
+        sys.path.remove(str(ROOT))
+    macros = [f"-D{k}={v}" for k, v in setup.stable_abi_macros()]
+    includes = [f"-I{path}" for path in include_paths()]
     result = subprocess.run(
-        [sys.executable, "-c", _SIGNATURE_CHECK, str(tmp_path)],
-        input=source, capture_output=True, text=True,
+        ["g++", "-std=c++20", "-fsyntax-only", *macros, *includes, str(check)],
+        capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 

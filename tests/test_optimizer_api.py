@@ -346,10 +346,10 @@ def test_the_profiler_sees_the_step_and_its_boundary(name, backend, device, monk
 
 def test_the_cpp_step_knows_when_something_may_watch_it():
     """The direct entry points skip the dispatcher; whenever a mode, the profiler or a
-    RecordFunction callback could watch, the step must call the op instead (_C.observed)."""
-    native = fused_opt._ops.native_module("cpp")
+    RecordFunction callback could watch, the step must call the op instead (_C_direct.observed)."""
+    native = fused_opt._ops.direct_module()
     if native is None:
-        pytest.skip("the C++ extension is not built")
+        pytest.skip(f"no accelerator: {fused_opt._ops.DIRECT_NOTE}")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class FunctionMode(torch.overrides.TorchFunctionMode):

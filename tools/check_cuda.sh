@@ -6,9 +6,8 @@
 #      flags torch's extension builder uses (C++20), warnings and register spills as errors;
 #      CUDA_CHECK_ARCHS="8.0 9.0" checks fewer, faster;
 #   2. the torch glue (csrc/cuda/ops_cuda.cpp) with `g++ -fsyntax-only` against the installed
-#      torch's headers. A CPU build of torch ships c10/cuda headers but not the generated
-#      c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in (the define a CUDA build generates)
-#      is written to a temporary directory for this check only.
+#      torch's headers (a CPU build of torch has the stable ABI's headers too), with the build's
+#      macros: the stable ABI of the target torch and CPython's limited API only.
 #
 # Exits non-zero on any failure. Without nvcc it says so and exits 0 (nothing to check); set
 # FUSED_OPT_REQUIRE_NVCC=1 to make that an error. NVCC, CXX and PYTHON override the tools.
@@ -83,15 +82,16 @@ from torch.utils.cpp_extension import include_paths
 print("\n".join(include_paths() + [sysconfig.get_paths()["include"]]))
 PY
 )"; then
-  mkdir -p "$WORK/shim/c10/cuda/impl"
-  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$WORK/shim/c10/cuda/impl/cuda_cmake_macros.h"
-  includes=(-I"$WORK/shim")
+  includes=()
   while IFS= read -r dir; do includes+=(-isystem "$dir"); done <<<"$paths"
   # The toolkit's include directory, as nvcc itself reports it (nvcc may be a wrapper script).
   touch "$WORK/empty.cu"
   cuda_top="$("$NVCC" --dryrun -c "$WORK/empty.cu" -o "$WORK/empty.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
   includes+=(-isystem "${CUDA_HOME:-$cuda_top}/include")
-  if "$CXX" -std=c++20 -fsyntax-only -Wall -Wextra -Werror "${includes[@]}" "$SRC/ops_cuda.cpp"; then
+  # The macros of the build (setup.py: stable_abi_macros and USE_CUDA): the glue may use only
+  # torch's stable ABI of the target version and CPython's limited API.
+  macros=($(cd "$ROOT" && "$PYTHON" -c 'import setup; print(" ".join(f"-D{k}={v}" for k, v in setup.stable_abi_macros()))') -DUSE_CUDA=1)
+  if "$CXX" -std=c++20 -fsyntax-only -Wall -Wextra -Werror "${macros[@]}" "${includes[@]}" "$SRC/ops_cuda.cpp"; then
     echo "check_cuda: ops_cuda.cpp ok (g++ -fsyntax-only against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
   else
     echo "check_cuda: ops_cuda.cpp FAILED" >&2

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import fused_opt
 from fused_opt import _ops
-from check_wheel import cuda_archs_in, cuda_arch_problems
+from check_wheel import cuda_archs_in, cuda_arch_problems, elf_problems
 
 info = _ops.BUILD_INFO
 assert _ops._cuda_module is not None, f"fused_opt._C_cuda did not load: {_ops.LOAD_ERRORS}"
@@ -65,6 +65,9 @@ sass, ptx_archs = (sorted(archs) for archs in cuda_archs_in(binary))
 print(f"check_cuda_build: {so.name}: SASS for sm {sass}, PTX for sm {ptx_archs}; "
       f"build info: {info['cuda_archs']}, CUDA {info['cuda_version']}")
 problems = cuda_arch_problems(so.name, binary, info["cuda_archs"])
+# What a wheel of this build promises: the stable ABI only, and glibc 2.28 (manylinux_2_28).
+for library in (so, Path(_ops.COMPILED["cpp"].__file__)):
+    problems += elf_problems(library.name, library.read_bytes(), 28, stable=True)
 assert not problems, problems
 archs = info["cuda_archs"]
 assert archs[0] == "7.5" and archs[-1].endswith("+PTX") and float(archs[-1][:-4]) >= 12, (

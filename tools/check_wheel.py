@@ -1,7 +1,13 @@
 """Check a fused_opt wheel before it ships: only the package's own files, and build info that
-agrees with the wheel's name, version, requirements and binaries.
+agrees with the wheel's name, version, requirements, tags and binaries.
 
-    python tools/check_wheel.py dist/fused_opt-0.1.0+torch2.13cpu-cp311-cp311-linux_x86_64.whl
+    python tools/check_wheel.py wheelhouse/fused_opt-0.1.0-cp310-abi3-manylinux_2_28_x86_64.whl
+
+A compiled wheel must be tagged cp310-abi3 (CPython's limited API), require torch>=<the stable
+ABI target> and nothing that pins a torch release, and hold stable-ABI libraries (_C, _C_cuda)
+that need no symbol of torch's C++ API and no libtorch_python, and no glibc (or libstdc++)
+symbol version newer than its manylinux tag allows. A CUDA wheel carries the label of its CUDA
+major (0.1.0+cu13) and SASS for every arch its build info names.
 
 Prints the build info and every problem found; exits 1 when there is one. tests/test_wheel.py
 and tools/build_wheel.sh use it.
@@ -22,21 +28,145 @@ PACKAGE = "fused_opt"
 # Everything a wheel may hold; the compiled libraries only when the build info says so.
 PURE_FILES = ("fused_opt/*.py", "fused_opt/optim/*.py", "fused_opt/py.typed")
 BUILD_INFO = "fused_opt/_build_info.json"
-CPU_LIBRARY = "fused_opt/_C.*so"  # _C.cpython-311-x86_64-linux-gnu.so or _C.abi3.so
-CUDA_LIBRARY = "fused_opt/_C_cuda.*so"
+CPU_LIBRARY = "fused_opt/_C.abi3.so"
+CUDA_LIBRARY = "fused_opt/_C_cuda.abi3.so"
+# The optional accelerator: torch's C++ API and one Python (loaded only where both match).
+DIRECT_LIBRARY = "fused_opt/_C_direct.cpython-*.so"
+ABI3_TAG = "cp310-abi3"
+# The newest libstdc++ symbol versions each manylinux glibc floor allows (auditwheel's policy).
+CXX_FLOORS = {17: ("3.4.19", "1.3.7"), 28: ("3.4.24", "1.3.11"), 31: ("3.4.28", "1.3.12"),
+              34: ("3.4.29", "1.3.13")}  # fmt: skip
+# Symbols of torch's C++ API (at::, c10::, torch::), which a stable-ABI library must not need.
+TORCH_CXX_SYMBOL = re.compile(r"^_ZN[KVRLO]*(?:2at|3c10|5torch)")
 DIST_INFO_FILES = ("METADATA", "WHEEL", "RECORD", "top_level.txt", "LICENSE*", "licenses/*")
 MINIMUM_TORCH = "torch>=2.4"
 
 
-def torch_minor(torch_version: str) -> str:
-    return ".".join(torch_version.split("+")[0].split(".")[:2])
-
-
-def expected_label(info: dict) -> str:
-    """The local version label setup.py gives a build from a checkout (see its docstring)."""
+def expected_label(info: dict) -> str | None:
+    """The local version label setup.py gives a CUDA build from a checkout: its CUDA major."""
     cuda = info.get("cuda_version")
-    accelerator = "cu" + "".join(cuda.split(".")[:2]) if cuda else "cpu"
-    return f"torch{torch_minor(info['torch_version'])}{accelerator}"
+    return f"cu{cuda.split('.')[0]}" if cuda else None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+class Elf:
+    """What the checks need of a 64-bit little-endian ELF library: its libraries (DT_NEEDED),
+    the symbol versions it needs (.gnu.version_r) and its undefined dynamic symbols."""
+
+    def __init__(self, binary: bytes) -> None:
+        self.binary = binary
+        if binary[:4] != b"\x7fELF" or binary[4] != 2 or binary[5] != 1:
+            raise ValueError("not a 64-bit little-endian ELF file")
+        (shoff,) = struct.unpack_from("<Q", binary, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", binary, 0x3A)
+        headers = [struct.unpack_from("<IIQQQQIIQQ", binary, shoff + i * shentsize)
+                   for i in range(shnum)]  # fmt: skip
+        names_at = headers[shstrndx][4]
+        self.sections = {self._string(names_at, h[0]): h for h in headers}
+        self.by_index = headers
+
+    def _string(self, table: int, offset: int) -> str:
+        end = self.binary.index(b"\0", table + offset)
+        return self.binary[table + offset : end].decode()
+
+    def _strings_of(self, section: tuple) -> int:
+        return self.by_index[section[6]][4]  # sh_link: the string table's offset
+
+    def needed(self) -> list[str]:
+        dynamic = self.sections.get(".dynamic")
+        if dynamic is None:
+            return []
+        strings = self._strings_of(dynamic)
+        names = []
+        for at in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+            tag, value = struct.unpack_from("<qQ", self.binary, at)
+            if tag == 1:  # DT_NEEDED
+                names.append(self._string(strings, value))
+        return names
+
+    def version_needs(self) -> dict[str, set[str]]:
+        """{library: {"GLIBC_2.14", ...}} from .gnu.version_r."""
+        section = self.sections.get(".gnu.version_r")
+        needs: dict[str, set[str]] = {}
+        if section is None:
+            return needs
+        strings = self._strings_of(section)
+        at = section[4]
+        while True:
+            _, count, file_name, aux, following = struct.unpack_from("<HHIII", self.binary, at)
+            versions = needs.setdefault(self._string(strings, file_name), set())
+            entry = at + aux
+            for _ in range(count):
+                _, _, _, name, next_entry = struct.unpack_from("<IHHII", self.binary, entry)
+                versions.add(self._string(strings, name))
+                entry += next_entry
+            if following == 0:
+                return needs
+            at += following
+
+    def undefined_symbols(self) -> list[str]:
+        section = self.sections.get(".dynsym")
+        if section is None:
+            return []
+        strings = self._strings_of(section)
+        names = []
+        for at in range(section[4], section[4] + section[5], 24):
+            name, _, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", self.binary, at)
+            if shndx == 0 and name:
+                names.append(self._string(strings, name))
+        return names
+
+
+def elf_problems(name: str, binary: bytes, glibc_floor: int | None, stable: bool) -> list[str]:
+    """What keeps the library ``name`` from its wheel's promises: the glibc floor 2.<glibc_floor>
+    of a manylinux tag (None: no tag claims one) and, for the stable-ABI libraries, no torch C++
+    symbols and no libtorch_python."""
+    try:
+        elf = Elf(binary)
+    except (ValueError, struct.error) as error:
+        return [f"{name}: unreadable ELF ({error})"]
+    problems = []
+    if stable:
+        if "libtorch_python.so" in elf.needed():
+            problems.append(f"{name} links libtorch_python.so: not on the stable ABI")
+        cxx = [s for s in elf.undefined_symbols() if TORCH_CXX_SYMBOL.match(s)]
+        if cxx:
+            problems.append(f"{name} needs {len(cxx)} symbols of torch's C++ API, e.g. {cxx[0]}")
+    if glibc_floor is None:
+        return problems
+    limits = {"GLIBC": f"2.{glibc_floor}"}
+    if glibc_floor in CXX_FLOORS:
+        limits["GLIBCXX"], limits["CXXABI"] = CXX_FLOORS[glibc_floor]
+    for library, versions in sorted(elf.version_needs().items()):
+        for version in sorted(versions):
+            prefix, _, number = version.partition("_")
+            if prefix in limits and number[:1].isdigit():
+                if _version_key(number) > _version_key(limits[prefix]):
+                    problems.append(
+                        f"{name} needs {version} ({library}), newer than manylinux_2_{glibc_floor} "
+                        f"allows ({prefix}_{limits[prefix]})"
+                    )
+    return problems
+
+
+def platform_problems(tags: list[str]) -> tuple[list[str], int | None]:
+    """(problems, glibc floor) of a compiled wheel's tags: each cp310-abi3, on one platform,
+    manylinux_2_X (floor X) or a plain linux_* tag (no floor claimed)."""
+    problems = []
+    floors = set()
+    for tag in tags:
+        python_abi, _, plat = tag.rpartition("-")
+        if python_abi != ABI3_TAG:
+            problems.append(f"tag {tag} is not {ABI3_TAG}: the binaries use the limited API")
+        match = re.fullmatch(r"manylinux_2_(\d+)_\w+", plat)
+        if match:
+            floors.add(int(match.group(1)))
+        elif not plat.startswith("linux_"):
+            problems.append(f"tag {tag}: unknown platform {plat}")
+    return problems, min(floors) if floors else None
 
 
 def read_wheel(path: Path) -> tuple[list[str], dict, dict, list[str], str]:
@@ -58,7 +188,7 @@ def stray_files(names: list[str], info: dict) -> list[str]:
     allowed = list(PURE_FILES) + [BUILD_INFO]
     allowed += [f"{PACKAGE}-*.dist-info/{pattern}" for pattern in DIST_INFO_FILES]
     if info.get("extensions"):
-        allowed.append(CPU_LIBRARY)
+        allowed += [CPU_LIBRARY, DIRECT_LIBRARY]
     if info.get("cuda_version"):
         allowed.append(CUDA_LIBRARY)
     return [
@@ -154,18 +284,27 @@ def check_wheel(path: Path) -> list[str]:
             problems.append(f"a pure-Python wheel should be tagged py3-none-any, not {tags}")
         return problems
 
-    for key in ("torch_version", "compiler", "cpu_isas", "cuda_archs"):
+    for key in ("torch_version", "torch_target", "compiler", "cpu_isas", "cuda_archs"):
         if key not in info:
             problems.append(f"build info lacks {key}")
-    if "torch_version" not in info:
+    if "torch_target" not in info:
         return problems
-    needed = f"torch=={torch_minor(info['torch_version'])}.*"
+    needed = f"torch>={info['torch_target']}"
     if requires != [needed]:
-        built_for = info["torch_version"]
-        problems.append(f"built against torch {built_for}: should require {needed}, not {requires}")
+        problems.append(
+            f"the stable ABI of torch {info['torch_target']}: should require {needed} (any later "
+            f"torch runs it, none is pinned), not {requires}"
+        )
     label = version.split("+")[1] if "+" in version else None
-    if label is not None and label != expected_label(info):
+    if label != expected_label(info) and not (label is None and info.get("from_sdist")):
         problems.append(f"local version label {label}, expected {expected_label(info)}")
+    tag_problems, glibc_floor = platform_problems(tags)
+    problems += tag_problems
+    with zipfile.ZipFile(path) as wheel:
+        for name in names:
+            if name.endswith(".so"):
+                stable = fnmatch.fnmatch(name, CPU_LIBRARY) or fnmatch.fnmatch(name, CUDA_LIBRARY)
+                problems += elf_problems(name, wheel.read(name), glibc_floor, stable)
     if not any(fnmatch.fnmatch(n, CPU_LIBRARY) for n in names):
         problems.append("build info says compiled, but the wheel has no fused_opt/_C library")
     if info.get("cpu_isas", [None])[0] != "baseline":

@@ -1,91 +1,120 @@
-// The dispatcher front end: fused_opt::sgd_ / fused_opt::adam_ (every overload) on the CPU key.
-//
-// The kernels are registered boxed: the tensor lists are read in place from the dispatcher's
-// argument stack (no std::vector<Tensor> copies, no refcount traffic per tensor).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
-#include <torch/library.h>
+// The dispatcher front end: fused_opt::sgd_ / fused_opt::adam_ (every overload) on the CPU key,
+// through torch's stable ABI, so that one binary serves every torch from its target version on.
+#include <torch/csrc/stable/library.h>
 
+#include <optional>
 #include <vector>
 
-#include "step.h"
+#include "stable_tensor.h"
+#include "step_impl.h"
 
 namespace fused_opt_cpu {
 namespace {
 
-// Borrowed pointers to the tensors of an IValue list, in reusable thread-local storage.
-struct ListRefs {
-  std::vector<const at::Tensor*> storage;
-  TensorRefs from(const c10::IValue& list) {
-    const c10::ArrayRef<c10::IValue> items = list.toListRef();
-    storage.clear();
-    storage.reserve(items.size());
-    for (const c10::IValue& item : items) storage.push_back(&item.toTensor());
-    return {storage.data(), storage.size()};
+using torch::stable::Tensor;
+using torch::stable::detail::to;
+
+// A list argument, owned for the call, with the borrowed pointers the step reads it through.
+struct ListArg {
+  std::vector<Tensor> tensors;
+  std::vector<const Tensor*> pointers;
+  TensorRefs<Tensor> take(StableIValue value) {
+    tensors = to<std::vector<Tensor>>(value);
+    pointers.clear();
+    for (const Tensor& t : tensors) pointers.push_back(&t);
+    return {pointers.data(), pointers.size()};
+  }
+  void release() {
+    tensors.clear();
+    pointers.clear();
   }
 };
 
-const at::Tensor* optional_tensor(const c10::IValue& value) {
-  return value.isTensor() ? &value.toTensor() : nullptr;
-}
-
-// A hyper-parameter given as a float or a 1-element tensor (lr; Adam's betas and weight decay
-// in the tensor_hyper overload).
-double hyper_value(const c10::IValue& value, const char* name) {
-  if (!value.isTensor()) return value.toDouble();
-  const at::Tensor& t = value.toTensor();
-  TORCH_CHECK(t.numel() == 1, "fused_opt: ", name, " must have one element, got ", t.numel());
-  return t.item<double>();
-}
+// A hyper-parameter given as a float or (in the tensor overloads) a one-element tensor. Every
+// argument is taken off the stack before any is checked, so that an error leaks none.
+template <bool kTensor>
+struct HyperArg {
+  std::optional<Tensor> tensor;
+  double number = 0;
+  explicit HyperArg(StableIValue value) {
+    if constexpr (kTensor) {
+      tensor = to<Tensor>(value);
+    } else {
+      number = to<double>(value);
+    }
+  }
+  double value(const char* op, const char* name) const {
+    return tensor ? step_detail::scalar_value<StableAccess>(op, name, *tensor) : number;
+  }
+};
 
 // Arguments: params, grads, momentum_buffers, weight_decay, momentum, lr, dampening, nesterov,
 // maximize, is_first_step, grad_scale, found_inf.
-void sgd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const size_t num_args = op.schema().arguments().size();
-  const c10::IValue* args = stack->data() + (stack->size() - num_args);
-  thread_local ListRefs lists[3];
-  SgdCall call{lists[0].from(args[0]), lists[1].from(args[1]),    lists[2].from(args[2]),
-               args[3].toDouble(),     args[4].toDouble(),        hyper_value(args[5], "lr"),
-               args[6].toDouble(),     args[7].toBool(),          args[8].toBool(),
-               args[9].toBool(),       optional_tensor(args[10]), optional_tensor(args[11])};
-  run_plan(plan_sgd(call));
-  torch::jit::drop(*stack, num_args);
+template <bool kTensorLr>
+void sgd_boxed(StableIValue* stack, uint64_t, uint64_t) {
+  thread_local ListArg lists[3];
+  SgdCall<Tensor> call{};
+  call.params = lists[0].take(stack[0]);
+  call.grads = lists[1].take(stack[1]);
+  call.momentum_buffers = lists[2].take(stack[2]);
+  call.weight_decay = to<double>(stack[3]);
+  call.momentum = to<double>(stack[4]);
+  const HyperArg<kTensorLr> lr(stack[5]);
+  call.dampening = to<double>(stack[6]);
+  call.nesterov = to<bool>(stack[7]);
+  call.maximize = to<bool>(stack[8]);
+  call.is_first_step = to<bool>(stack[9]);
+  const std::optional<Tensor> grad_scale = to<std::optional<Tensor>>(stack[10]);
+  const std::optional<Tensor> found_inf = to<std::optional<Tensor>>(stack[11]);
+  call.grad_scale = grad_scale ? &*grad_scale : nullptr;
+  call.found_inf = found_inf ? &*found_inf : nullptr;
+  call.lr = lr.value("sgd_", "lr");
+  run_plan<StableAccess>(plan_sgd<StableAccess>(call));
+  for (ListArg& list : lists) list.release();
 }
 
 // Arguments: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
 // weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf.
-void adam_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const size_t num_args = op.schema().arguments().size();
-  const c10::IValue* args = stack->data() + (stack->size() - num_args);
-  thread_local ListRefs lists[6];
-  AdamCall call{lists[0].from(args[0]),
-                lists[1].from(args[1]),
-                lists[2].from(args[2]),
-                lists[3].from(args[3]),
-                lists[4].from(args[4]),
-                lists[5].from(args[5]),
-                hyper_value(args[6], "lr"),
-                hyper_value(args[7], "beta1"),
-                hyper_value(args[8], "beta2"),
-                hyper_value(args[9], "weight_decay"),
-                args[10].toDouble(),
-                args[11].toBool(),
-                args[12].toBool(),
-                args[13].toBool(),
-                optional_tensor(args[14]),
-                optional_tensor(args[15])};
-  run_plan(plan_adam(call));
-  torch::jit::drop(*stack, num_args);
+template <bool kTensorLr, bool kTensorHyper>
+void adam_boxed(StableIValue* stack, uint64_t, uint64_t) {
+  thread_local ListArg lists[6];
+  AdamCall<Tensor> call{};
+  call.params = lists[0].take(stack[0]);
+  call.grads = lists[1].take(stack[1]);
+  call.exp_avgs = lists[2].take(stack[2]);
+  call.exp_avg_sqs = lists[3].take(stack[3]);
+  call.max_exp_avg_sqs = lists[4].take(stack[4]);
+  call.steps = lists[5].take(stack[5]);
+  const HyperArg<kTensorLr> lr(stack[6]);
+  const HyperArg<kTensorHyper> beta1(stack[7]), beta2(stack[8]), weight_decay(stack[9]);
+  call.eps = to<double>(stack[10]);
+  call.amsgrad = to<bool>(stack[11]);
+  call.maximize = to<bool>(stack[12]);
+  call.decoupled_weight_decay = to<bool>(stack[13]);
+  const std::optional<Tensor> grad_scale = to<std::optional<Tensor>>(stack[14]);
+  const std::optional<Tensor> found_inf = to<std::optional<Tensor>>(stack[15]);
+  call.grad_scale = grad_scale ? &*grad_scale : nullptr;
+  call.found_inf = found_inf ? &*found_inf : nullptr;
+  call.lr = lr.value("adam_", "lr");
+  call.beta1 = beta1.value("adam_", "beta1");
+  call.beta2 = beta2.value("adam_", "beta2");
+  call.weight_decay = weight_decay.value("adam_", "weight_decay");
+  run_plan<StableAccess>(plan_adam<StableAccess>(call));
+  for (ListArg& list : lists) list.release();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
-  m.impl("sgd_", torch::CppFunction::makeFromBoxedFunction<&sgd_boxed>());
-  m.impl("sgd_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&sgd_boxed>());
-  m.impl("adam_", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
-  m.impl("adam_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
-  m.impl("adam_.tensor_hyper", torch::CppFunction::makeFromBoxedFunction<&adam_boxed>());
+void run_stream_pass_stable(float* const* arrays, int streams, int64_t n) {
+  run_stream_pass<StableAccess>(arrays, streams, n);
+}
+
+STABLE_TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
+  m.impl("sgd_", &sgd_boxed<false>);
+  m.impl("sgd_.tensor_lr", &sgd_boxed<true>);
+  m.impl("adam_", &adam_boxed<false, false>);
+  m.impl("adam_.tensor_lr", &adam_boxed<true, false>);
+  m.impl("adam_.tensor_hyper", &adam_boxed<true, true>);
 }
 
 }  // namespace fused_opt_cpu

@@ -2,12 +2,15 @@
 //
 // Registers the CUDA implementations of fused_opt::sgd_ and fused_opt::adam_ (schemas defined in
 // fused_opt/_ops.py). Everything is checked before anything is modified. The kernels themselves
-// (fused_kernels.h) know nothing of torch. Only c10/cuda headers are used (no ATen/cuda), so
-// tools/check_cuda.sh can syntax-check this file against a CPU build of torch.
+// (fused_kernels.h) know nothing of torch. The glue uses torch's stable ABI only (and CPython's
+// limited API), so one binary serves every torch from the target version on, and
+// tools/check_cuda.sh can syntax-check it against a CPU build of torch.
 #include <Python.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <array>
 #include <atomic>
@@ -17,72 +20,86 @@
 #include <utility>
 #include <vector>
 
+#include "../cpu/stable_tensor.h"
+#include "../cpu/step_impl.h"  // the checks' helpers: shapes and devices as text
 #include "fused_kernels.h"
 
 namespace fused_opt {
 namespace cuda {
 namespace {
 
-using at::Tensor;
-using at::TensorList;
+using fused_opt_cpu::StableAccess;
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+namespace step_detail = fused_opt_cpu::step_detail;
+using TensorList = const std::vector<Tensor>&;
+using torch::stable::accelerator::DeviceIndex;
+
+// A device as the messages name it ("cuda:0", "cpu").
+std::string device_name(const Tensor& t) { return step_detail::device_name_of(t); }
+std::string cuda_name(DeviceIndex index) { return "cuda:" + std::to_string(index); }
+std::string shape(const Tensor& t) { return step_detail::shape_of(t); }
+bool on(const Tensor& t, DeviceIndex index) { return t.is_cuda() && t.get_device() == index; }
 
 DType dtype_of(const Tensor& t, const char* op, size_t i) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Double: return DType::kFloat64;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
-                  "; the CUDA kernels take float32, float64, float16 and bfloat16");
+      STD_TORCH_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
+                      "; the CUDA kernels take float32, float64, float16 and bfloat16");
   }
 }
 
 void check_length(const char* op, const char* name, TensorList list, size_t expected) {
-  TORCH_CHECK(list.size() == expected, "fused_opt.", op, ": expected ", expected, " ", name,
-              ", got ", list.size());
+  STD_TORCH_CHECK(list.size() == expected, "fused_opt.", op, ": expected ", expected, " ", name,
+                  ", got ", list.size());
 }
 
 // The kernels index every list flat, so all tensors of a param must share one dense layout.
 bool same_dense_layout(const Tensor& a, const Tensor& b) {
-  if (!a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
+  if (!StableAccess::dense(a) || !StableAccess::dense(b)) return false;
   for (int64_t d = 0; d < a.dim(); ++d) {
     if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
   }
   return true;
 }
 
-void check_param(const char* op, size_t i, const Tensor& p, const c10::Device& device) {
-  TORCH_CHECK(p.layout() == c10::kStrided, "fused_opt.", op, ": params[", i, "] is ", p.layout(),
-              "; only strided tensors are supported");
-  TORCH_CHECK(p.device() == device, "fused_opt.", op, ": params[", i, "] is on ", p.device(),
-              " but params[0] is on ", device, "; one call takes the tensors of one device");
+void check_param(const char* op, size_t i, const Tensor& p, DeviceIndex device) {
+  STD_TORCH_CHECK(StableAccess::strided(p), "fused_opt.", op, ": params[", i,
+                  "] is not a strided tensor; only strided tensors are supported");
+  STD_TORCH_CHECK(on(p, device), "fused_opt.", op, ": params[", i, "] is on ", device_name(p),
+                  " but params[0] is on ", cuda_name(device),
+                  "; one call takes the tensors of one device");
   dtype_of(p, op, i);
-  TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_opt.", op, ": params[", i,
-              "] is not dense (a strided view); the CUDA kernels need dense params");
+  STD_TORCH_CHECK(StableAccess::dense(p), "fused_opt.", op, ": params[", i,
+                  "] is not dense (a strided view); the CUDA kernels need dense params");
 }
 
 // State tensors are written in place, so they must share their param's layout; grads may differ
 // (they are then read through a copy, see grads_in_param_layout).
 void check_like_param(const char* op, const char* name, size_t i, const Tensor& t, const Tensor& p,
                       bool same_layout) {
-  TORCH_CHECK(t.layout() == c10::kStrided, "fused_opt.", op, ": ", name, "[", i, "] is ",
-              t.layout(), "; sparse gradients are not supported");
-  TORCH_CHECK(t.sizes() == p.sizes() && t.device() == p.device(), "fused_opt.", op, ": ", name, "[",
-              i, "] has shape ", t.sizes(), " on ", t.device(), ", expected ", p.sizes(), " on ",
-              p.device(), " like params[", i, "]");
-  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
-              "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[", i,
-              "]");
-  TORCH_CHECK(!same_layout || same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
-              "] has strides ", t.strides(), ", expected ", p.strides(), " like params[", i, "]");
+  STD_TORCH_CHECK(StableAccess::strided(t), "fused_opt.", op, ": ", name, "[", i,
+                  "] is not a strided tensor; sparse gradients are not supported");
+  STD_TORCH_CHECK(step_detail::same_sizes(t, p) && on(t, p.get_device()), "fused_opt.", op, ": ",
+                  name, "[", i, "] has shape ", shape(t), " on ", device_name(t), ", expected ",
+                  shape(p), " on ", device_name(p), " like params[", i, "]");
+  STD_TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
+                  "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[",
+                  i, "]");
+  STD_TORCH_CHECK(!same_layout || same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
+                  "] has strides ", step_detail::strides_of(t), ", expected ",
+                  step_detail::strides_of(p), " like params[", i, "]");
 }
 
 void check_lists(const char* op, TensorList params, TensorList grads,
                  std::initializer_list<std::pair<const char*, TensorList>> states) {
-  const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "fused_opt.", op, ": params are on ", device,
-              ", not on a CUDA device");
+  STD_TORCH_CHECK(params[0].is_cuda(), "fused_opt.", op, ": params are on ", device_name(params[0]),
+                  ", not on a CUDA device");
+  const DeviceIndex device = params[0].get_device();
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(op, i, params[i], device);
     check_like_param(op, "grads", i, grads[i], params[i], /*same_layout=*/false);
@@ -98,20 +115,21 @@ std::vector<Tensor> grads_in_param_layout(TensorList params, TensorList grads) {
   std::vector<Tensor> readable(grads.begin(), grads.end());
   for (size_t i = 0; i < params.size(); ++i) {
     if (same_dense_layout(grads[i], params[i])) continue;
-    readable[i] = params[i].new_empty_strided(params[i].sizes(), params[i].strides());
-    readable[i].copy_(grads[i]);
+    readable[i] = torch::stable::empty_like(params[i]);  // dense: in params[i]'s strides
+    torch::stable::copy_(readable[i], grads[i]);
   }
   return readable;
 }
 
 // grad_scale / found_inf: fp32 scalars on the params' device, read by the kernels.
 const float* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t,
-                           const c10::Device& device) {
+                           DeviceIndex device) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == device,
-              "fused_opt.", op, ": ", name, " must be a 1-element float32 tensor on ", device,
-              ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
-  return t->const_data_ptr<float>();
+  STD_TORCH_CHECK(t->numel() == 1 && t->scalar_type() == ScalarType::Float && on(*t, device),
+                  "fused_opt.", op, ": ", name, " must be a 1-element float32 tensor on ",
+                  cuda_name(device), ", got ", t->scalar_type(), " ", shape(*t), " on ",
+                  device_name(*t));
+  return static_cast<const float*>(t->const_data_ptr());
 }
 
 // A hyper-parameter as the schema passes it: a float, or a 1-element tensor.
@@ -123,21 +141,31 @@ struct HyperArg {
 };
 
 // A float or CPU tensor is read here; a device tensor is read by the kernels (no synchronisation).
-HyperParam hyper_param(const char* op, const char* name, const HyperArg& arg,
-                       const c10::Device& device) {
+HyperParam hyper_param(const char* op, const char* name, const HyperArg& arg, DeviceIndex device) {
   if (arg.tensor == nullptr) return HyperParam{arg.value, nullptr, false};
   const Tensor& t = *arg.tensor;
-  TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-              "fused_opt.", op, ": ", name, " must be a 1-element float32 or float64 tensor, got ",
-              t.scalar_type(), " ", t.sizes());
-  if (t.device().is_cpu()) return HyperParam{t.item<double>(), nullptr, false};
-  TORCH_CHECK(t.device() == device, "fused_opt.", op, ": ", name, " is on ", t.device(),
-              ", expected the CPU or the params' device ", device);
-  return HyperParam{0.0, t.const_data_ptr(), t.scalar_type() == at::kDouble};
+  const bool is_double = t.scalar_type() == ScalarType::Double;
+  STD_TORCH_CHECK(
+      t.numel() == 1 && (t.scalar_type() == ScalarType::Float || is_double), "fused_opt.", op, ": ",
+      name, " must be a 1-element float32 or float64 tensor, got ", t.scalar_type(), " ", shape(t));
+  if (t.is_cpu()) return HyperParam{StableAccess::item(t), nullptr, false};
+  STD_TORCH_CHECK(on(t, device), "fused_opt.", op, ": ", name, " is on ", device_name(t),
+                  ", expected the CPU or the params' device ", cuda_name(device));
+  return HyperParam{0.0, t.const_data_ptr(), is_double};
 }
 
 void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, "fused_opt.", op, ": CUDA error: ", cudaGetErrorString(error));
+  STD_TORCH_CHECK(error == cudaSuccess, "fused_opt.", op,
+                  ": CUDA error: ", cudaGetErrorString(error));
+}
+
+// torch's current stream on `device` (AOTInductor's C shim, part of the stable ABI).
+cudaStream_t current_stream(const char* op, DeviceIndex device) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+                  "fused_opt.", op, ": could not get the current CUDA stream of ",
+                  cuda_name(device));
+  return static_cast<cudaStream_t>(stream);
 }
 
 // Whether the binary holds code for device `index` (see kernel_image_status), asked of the
@@ -148,10 +176,10 @@ bool is_arch_error(cudaError_t error) {
          error == cudaErrorUnsupportedPtxVersion || error == cudaErrorInvalidKernelImage;
 }
 
-cudaError_t kernel_image_on(c10::DeviceIndex index) {
+cudaError_t kernel_image_on(DeviceIndex index) {
   constexpr int kCachedDevices = 64;
   static std::array<std::atomic<int>, kCachedDevices> known{};  // 0 unknown, else error + 1
-  const c10::cuda::CUDAGuard guard(index);
+  const torch::stable::accelerator::DeviceGuard guard(index);
   const bool cached = index >= 0 && index < kCachedDevices;
   if (cached) {
     if (const int seen = known[index].load(std::memory_order_relaxed); seen != 0) {
@@ -169,17 +197,17 @@ cudaError_t kernel_image_on(c10::DeviceIndex index) {
 // of "no kernel image is available" (the optimizers send such a device to the torch backend
 // before they get here: fused_opt/_ops.py), and a CUDA error left pending by earlier work is
 // reported as that, not as fused_opt's.
-void check_before_launch(const char* op, const c10::Device& device) {
-  const cudaError_t image = kernel_image_on(device.index());
-  TORCH_CHECK(!is_arch_error(image), "fused_opt.", op, ": the CUDA kernels hold no code that ",
-              device, " can run (", cudaGetErrorString(image),
-              "); rebuild for its arch (TORCH_CUDA_ARCH_LIST) or use backend='torch'");
-  TORCH_CHECK(image == cudaSuccess, "fused_opt.", op,
-              ": CUDA error before the first launch: ", cudaGetErrorString(image));
+void check_before_launch(const char* op, DeviceIndex device) {
+  const cudaError_t image = kernel_image_on(device);
+  STD_TORCH_CHECK(!is_arch_error(image), "fused_opt.", op, ": the CUDA kernels hold no code that ",
+                  cuda_name(device), " can run (", cudaGetErrorString(image),
+                  "); rebuild for its arch (TORCH_CUDA_ARCH_LIST) or use backend='torch'");
+  STD_TORCH_CHECK(image == cudaSuccess, "fused_opt.", op,
+                  ": CUDA error before the first launch: ", cudaGetErrorString(image));
   const cudaError_t pending = cudaPeekAtLastError();
-  TORCH_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
-              "pending (", cudaGetErrorString(pending), "); fused_opt launched nothing and ",
-              "changed nothing. CUDA_LAUNCH_BLOCKING=1 shows where it arose");
+  STD_TORCH_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
+                  "pending (", cudaGetErrorString(pending), "); fused_opt launched nothing and ",
+                  "changed nothing. CUDA_LAUNCH_BLOCKING=1 shows where it arose");
 }
 
 // ---- SGD ------------------------------------------------------------------------------------
@@ -197,8 +225,8 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   if (h.momentum != 0.0) {
     check_length(op, "momentum_buffers", momentum_buffers, n);
   } else {
-    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fused_opt.", op,
-                ": expected 0 or ", n, " momentum_buffers, got ", momentum_buffers.size());
+    STD_TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fused_opt.", op,
+                    ": expected 0 or ", n, " momentum_buffers, got ", momentum_buffers.size());
   }
   if (n == 0) return;
   const bool use_buffers = h.momentum != 0.0;
@@ -207,7 +235,7 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   } else {
     check_lists(op, params, grads, {});
   }
-  const c10::Device device = params[0].device();
+  const DeviceIndex device = params[0].get_device();
   SgdOptions options{};
   options.lr = hyper_param(op, "lr", h.lr, device);
   options.weight_decay = h.weight_decay;
@@ -219,9 +247,9 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const torch::stable::accelerator::DeviceGuard guard(device);
   check_before_launch(op, device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const cudaStream_t stream = current_stream(op, device);
   const std::vector<Tensor> readable_grads = grads_in_param_layout(params, grads);
   std::vector<SgdTensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
@@ -261,32 +289,34 @@ struct AdamHyper {
 // Steps are 1-element fp32 tensors (fp64 when torch's default dtype is fp64), all on the CPU
 // (read and incremented here) or all on the params' device (capturable: read and incremented by
 // the kernels). Returns whether they are on the device.
-bool check_steps(const char* op, TensorList steps, const c10::Device& device) {
-  const bool on_device = steps[0].device() == device;
+bool check_steps(const char* op, TensorList steps, DeviceIndex device) {
+  const bool on_device = on(steps[0], device);
   for (size_t i = 0; i < steps.size(); ++i) {
     const Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "fused_opt.", op, ": steps[", i,
-                "] must be a 1-element float32 or float64 tensor, got ", s.scalar_type(), " ",
-                s.sizes());
-    TORCH_CHECK(on_device ? s.device() == device : s.device().is_cpu(), "fused_opt.", op,
-                ": steps[", i, "] is on ", s.device(), "; steps must all be on the CPU or all on ",
-                device, " (capturable)");
+    STD_TORCH_CHECK(
+        s.numel() == 1 &&
+            (s.scalar_type() == ScalarType::Float || s.scalar_type() == ScalarType::Double),
+        "fused_opt.", op, ": steps[", i, "] must be a 1-element float32 or float64 tensor, got ",
+        s.scalar_type(), " ", shape(s));
+    STD_TORCH_CHECK(on_device ? on(s, device) : s.is_cpu(), "fused_opt.", op, ": steps[", i,
+                    "] is on ", device_name(s), "; steps must all be on the CPU or all on ",
+                    cuda_name(device), " (capturable)");
   }
   return on_device;
 }
 
 // Host step + 1 in the counter's own precision (torch adds 1 to the tensor).
 double next_host_step(const Tensor& step) {
-  if (step.scalar_type() == at::kDouble) return *step.const_data_ptr<double>() + 1.0;
-  return static_cast<double>(*step.const_data_ptr<float>() + 1.0f);
+  if (step.scalar_type() == ScalarType::Double)
+    return *static_cast<const double*>(step.const_data_ptr()) + 1.0;
+  return static_cast<double>(*static_cast<const float*>(step.const_data_ptr()) + 1.0f);
 }
 
 void store_host_step(const Tensor& step, double value) {
-  if (step.scalar_type() == at::kDouble) {
-    *step.mutable_data_ptr<double>() = value;
+  if (step.scalar_type() == ScalarType::Double) {
+    *static_cast<double*>(step.mutable_data_ptr()) = value;
   } else {
-    *step.mutable_data_ptr<float>() = static_cast<float>(value);  // exact: value is a float
+    *static_cast<float*>(step.mutable_data_ptr()) = static_cast<float>(value);  // exact: a float
   }
 }
 
@@ -302,8 +332,8 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   if (h.amsgrad) {
     check_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, n);
   } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "fused_opt.", op,
-                ": expected 0 or ", n, " max_exp_avg_sqs, got ", max_exp_avg_sqs.size());
+    STD_TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "fused_opt.", op,
+                    ": expected 0 or ", n, " max_exp_avg_sqs, got ", max_exp_avg_sqs.size());
   }
   if (n == 0) return;
   if (h.amsgrad) {
@@ -314,7 +344,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   } else {
     check_lists(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
   }
-  const c10::Device device = params[0].device();
+  const DeviceIndex device = params[0].get_device();
   const bool capturable = check_steps(op, steps, device);
   AdamOptions options{};
   options.lr = hyper_param(op, "lr", h.lr, device);
@@ -328,22 +358,23 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   options.capturable = capturable;
   options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
-  TORCH_CHECK(betas_usable(options), "fused_opt.", op, ": betas on ", device,
-              " need the steps there too (capturable=True): without, the host computes the bias ",
-              "corrections");
+  STD_TORCH_CHECK(
+      betas_usable(options), "fused_opt.", op, ": betas on ", cuda_name(device),
+      " need the steps there too (capturable=True): without, the host computes the bias ",
+      "corrections");
 
-  const c10::cuda::CUDAGuard guard(device);
+  const torch::stable::accelerator::DeviceGuard guard(device);
   check_before_launch(op, device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const cudaStream_t stream = current_stream(op, device);
   if (!capturable) {
     // A graph would replay the host step counts of the capture: refuse instead.
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     check_launch(op, cudaStreamIsCapturing(stream, &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "fused_opt.", op,
-                ": capturing a CUDA graph needs the steps on the device (capturable=True)");
+    STD_TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "fused_opt.", op,
+                    ": capturing a CUDA graph needs the steps on the device (capturable=True)");
     // Host step counts cannot depend on a device flag without reading it: the one
     // synchronisation of the non-capturable path, and only when a GradScaler passes found_inf.
-    if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+    if (found_inf.has_value() && StableAccess::item(*found_inf) != 0.0) return;
   }
 
   const std::vector<Tensor> readable_grads = grads_in_param_layout(params, grads);
@@ -359,7 +390,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     t.exp_avg = exp_avgs[i].mutable_data_ptr();
     t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
     t.max_exp_avg_sq = h.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr() : nullptr;
-    t.device_step_is_double = steps[i].scalar_type() == at::kDouble;
+    t.device_step_is_double = steps[i].scalar_type() == ScalarType::Double;
     if (capturable) {
       t.device_step = steps[i].mutable_data_ptr();
       device_steps[t.device_step_is_double].push_back(steps[i].mutable_data_ptr());
@@ -428,7 +459,7 @@ PyObject* kernel_image_problem(PyObject*, PyObject* arg) {
   if (index == -1 && PyErr_Occurred()) return nullptr;
   cudaError_t error = cudaSuccess;
   try {
-    error = kernel_image_on(static_cast<c10::DeviceIndex>(index));
+    error = kernel_image_on(static_cast<DeviceIndex>(index));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -444,12 +475,12 @@ PyObject* kernel_image_problem(PyObject*, PyObject* arg) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
-  m.impl("sgd_", &sgd_float_lr);
-  m.impl("sgd_.tensor_lr", &sgd_tensor_lr);
-  m.impl("adam_", &adam_float_lr);
-  m.impl("adam_.tensor_lr", &adam_tensor_lr);
-  m.impl("adam_.tensor_hyper", &adam_tensor_hyper);
+STABLE_TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
+  m.impl("sgd_", TORCH_BOX(&sgd_float_lr));
+  m.impl("sgd_.tensor_lr", TORCH_BOX(&sgd_tensor_lr));
+  m.impl("adam_", TORCH_BOX(&adam_float_lr));
+  m.impl("adam_.tensor_lr", TORCH_BOX(&adam_tensor_lr));
+  m.impl("adam_.tensor_hyper", TORCH_BOX(&adam_tensor_hyper));
 }
 
 }  // namespace cuda

@@ -120,9 +120,9 @@ _set_grad_enabled = torch._C._set_grad_enabled
 
 def same_members(a: list[Tensor], b: list[Tensor]) -> bool:
     """Whether lists ``a`` and ``b`` hold the same tensors (by identity) in the same order."""
-    native = _ops.native_module("cpp")
-    if native is not None and type(a) is list and type(b) is list and not _is_compiling():
-        return native.same_items(a, b)
+    direct = _ops.direct_module()
+    if direct is not None and type(a) is list and type(b) is list and not _is_compiling():
+        return direct.same_items(a, b)
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
@@ -186,9 +186,8 @@ class Bucket:
         # Their direct entry points (eager cpp kernels), else None: see FusedOptimizer._run.
         self.directs = {name: getattr(k, "direct", None) for name, k in self.kernels.items()}
         # The cpp kernels' checks alone (check_sgd_ / check_adam_), else None: see check().
-        native = _ops.native_module("cpp")
         direct = self.directs["default"] is not None
-        self.checks = getattr(native, f"check_{op}") if direct else None
+        self.checks = getattr(_ops.direct_module(), f"check_{op}") if direct else None
         self.index = index  # positions in group["params"]
         self.owners = owners  # the params themselves (state keys)
         self.viewed = any(_needs_view(p) for p in owners)
@@ -424,7 +423,7 @@ class FusedOptimizer:
 
         @functools.wraps(func)
         def step(*args: Any, **kwargs: Any) -> Any:
-            if "cpp" not in _ops.COMPILED or _observed():
+            if _ops.direct_module() is None or _observed():
                 return with_range(*args, **kwargs)
             self = args[0]
             # A pre-hook might start something that watches: the kernels then ask themselves.
