@@ -270,7 +270,7 @@ def write_chart(
 METHOD_NOTES = (
     "The implementations of a case are timed in interleaved rounds, each calling every one once. "
     "Fraction of the floor: bytes that must move / bandwidth of an in-place pass shaped like the "
-    "step (as many arrays, each read and all but one written back: fused_opt._C.stream_pass; "
+    "step (as many arrays, each read and all but one written back: fused_opt._ops.stream_pass; "
     "torch's x *= c without the compiled kernels; CUDA: a device copy) taken right before each "
     "timed call, median over rounds; cases "
     f"that move less than {PAIRED_FLOOR_BYTES // 2**20} MB a step run from the caches: no pass "

@@ -85,32 +85,37 @@ for _name, (_args, _kernel, _overloads) in _OPS.items():
         torch.library.register_fake(_qualname, lambda *args, **kwargs: None, lib=_LIB)
 
 
+# The positions of each op's mutable tensor lists.
+WRITTEN = {"sgd_": (0, 2), "adam_": (0, 2, 3, 4, 5)}
+
+
+def count_updates(op: Any, written: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    """Runs ``op`` below the ADInplaceOrView key, then counts the in-place update of every
+    tensor of the mutable lists at positions ``written`` for autograd's saved-tensor checks, as
+    torch's own in-place ops do. The compiled kernels cannot (torch's stable ABI has no version
+    counters); counting twice, as the torch backend's own in-place ops then do, is harmless. A
+    step that a CPU found_inf skipped changes nothing, versions included; a device found_inf is
+    not read (that would wait for the device), nor a traced one (a fake or functional tensor has
+    no value), so their steps count."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        op(*args, **kwargs)
+    found_inf = kwargs.get("found_inf")
+    if (
+        type(found_inf) is torch.Tensor
+        and found_inf.device.type == "cpu"
+        and not torch._is_functional_tensor(found_inf)
+        and found_inf.item() != 0
+    ):
+        return
+    torch._C._increment_version([t for i in written for t in args[i]])
+
+
 def _count_updates(op: Any, written: tuple[int, ...]) -> Callable[..., None]:
-    """The ADInplaceOrView kernel of ``op``: runs it below that key, then counts the in-place
-    update of every tensor of the mutable lists at positions ``written`` for autograd's
-    saved-tensor checks, as torch's own in-place ops do. The compiled kernels cannot (torch's
-    stable ABI has no version counters); counting twice, as the torch backend's own in-place ops
-    then do, is harmless. A step that a CPU found_inf skipped changes nothing, versions included;
-    a device found_inf is not read (that would wait for the device), nor a traced one (a fake or
-    functional tensor has no value), so their steps count."""
-
-    def kernel(*args: Any, **kwargs: Any) -> None:
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            op(*args, **kwargs)
-        found_inf = kwargs.get("found_inf")
-        if (
-            type(found_inf) is torch.Tensor
-            and found_inf.device.type == "cpu"
-            and not torch._is_functional_tensor(found_inf)
-            and found_inf.item() != 0
-        ):
-            return
-        torch._C._increment_version([t for i in written for t in args[i]])
-
-    return kernel
+    """The ADInplaceOrView kernel of ``op``: see count_updates."""
+    return lambda *args, **kwargs: count_updates(op, written, args, kwargs)
 
 
-for _name, _written in (("sgd_", (0, 2)), ("adam_", (0, 2, 3, 4, 5))):
+for _name, _written in WRITTEN.items():
     for _overload in _OPS[_name][2]:
         _resolved = getattr(getattr(torch.ops.fused_opt, _name), _overload[1:] or "default")
         _LIB.impl(f"{_name}{_overload}", _count_updates(_resolved, _written), "ADInplaceOrView")

@@ -65,6 +65,24 @@ class _DirectInEager:
         return self.direct(*tensor_lists, *self.positional(hyper))
 
 
+class _CountedInEager:
+    """The op called below its ADInplaceOrView kernel in eager mode, the in-place updates
+    counted here (_ops.count_updates): that kernel, in Python, would convert every argument to
+    the dispatcher's form a second time, a quarter of a step over thousands of small tensors
+    where no accelerator serves the cpp backend. Traced, the op runs as it is."""
+
+    reads_grads = False
+
+    def __init__(self, op: Any, written: tuple[int, ...]) -> None:
+        self.op = op
+        self.written = written
+
+    def __call__(self, *tensor_lists: list[Tensor], **hyper: Any) -> None:
+        if _is_compiling():
+            return self.op(*tensor_lists, **hyper)
+        return _ops.count_updates(self.op, self.written, tensor_lists, hyper)
+
+
 @functools.cache
 def list_names(op: str) -> tuple[str, ...]:
     """The names of the tensor lists ``op`` ("sgd_" or "adam_") takes after ``params``, in the
@@ -108,9 +126,11 @@ def kernel(
     if backend == "torch" and _ops.kernel_registered(device.type):
         return getattr(_torch_kernels, op)
     resolved = getattr(getattr(torch.ops.fused_opt, op), overload)
-    direct = _ops.direct_module()
-    if backend == "cpp" and direct is not None and not torch.compiler.is_compiling():
-        return _DirectInEager(getattr(direct, op), resolved)
+    if backend == "cpp" and not torch.compiler.is_compiling():
+        direct = _ops.direct_module()
+        if direct is not None:
+            return _DirectInEager(getattr(direct, op), resolved)
+        return _CountedInEager(resolved, _ops.WRITTEN[op])
     return resolved
 
 

@@ -445,7 +445,8 @@ def test_steady_steps_let_the_kernel_read_the_grads(name, backend, device, monke
         step_both()
     read_in_python.clear()
     step_both()
-    assert read_in_python == ([] if backend == "cpp" else [1])
+    reads_in_cpp = backend == "cpp" and fused_opt._ops.direct_module() is not None  # accelerator
+    assert read_in_python == ([] if reads_in_cpp else [1])
     step_both(drop=1)  # a param without a grad: the Python path, a new plan
     assert read_in_python
 

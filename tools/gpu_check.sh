@@ -13,6 +13,11 @@
 #   OUT       where the results go (the device tool sets it); default bench/runs/
 #   PYTHON    the interpreter (default: python3)
 #   MAX_JOBS  compile jobs (default 16)
+#   WHEEL     a CUDA wheel to check instead of building (default: the one
+#             tools/check_cuda_build.sh left in build/cuda-check/wheelhouse/, if any; carry it
+#             to the GPU machine). It is installed with --no-deps into a scratch directory and
+#             everything below runs from a copy of tests/, bench/ and tools/ outside the source
+#             tree: the proof that a wheel built elsewhere works on this node. WHEEL=none builds.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,8 +73,20 @@ SLUG=$(echo "$GPU" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//'
 STAMP="$(date -u +%Y-%m-%d_%H%M)_${SLUG}_gpu-check"
 echo "gpu_check: $GPU (sm ${ARCH:-none}), $("$PYTHON" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
 
-# 1. The build: the CUDA kernels for this GPU only (and the CPU kernels), in place.
-if ((CUDA_TORCH)) && ((HAVE_GPU)); then
+# 1. The wheel, installed, or the build: the CUDA kernels for this GPU only, in place.
+if [[ -z "${WHEEL:-}" ]]; then
+  WHEEL=$(ls "$ROOT"/build/cuda-check/wheelhouse/fused_opt-*+cu*.whl 2>/dev/null | head -1 || true)
+fi
+[[ "${WHEEL:-}" == none ]] && WHEEL=""
+if [[ -n "$WHEEL" ]]; then
+  SCRATCH="$(mktemp -d)"
+  run wheel 60 "$LOGS/wheel.log" "$PYTHON" -m pip install --no-deps --no-index \
+    --target "$SCRATCH/site" "$WHEEL"
+  cp -r tests bench tools csrc setup.py pyproject.toml "$SCRATCH/"
+  cd "$SCRATCH"
+  export PYTHONPATH="$SCRATCH/site:$SCRATCH"
+  record build skipped 0 "checking the installed wheel $(basename "$WHEEL") instead"
+elif ((CUDA_TORCH)) && ((HAVE_GPU)); then
   run build 240 "$LOGS/build.log" env TORCH_CUDA_ARCH_LIST="$ARCH" FUSED_OPT_CUDA=1 \
     MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" setup.py build_ext --inplace
 else

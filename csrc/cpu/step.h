@@ -13,15 +13,36 @@
 #pragma once
 
 #include <torch/headeronly/core/ScalarType.h>
-#include <torch/headeronly/util/Exception.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "kernel_api.h"
+
+namespace fused_opt_cpu {
+
+template <typename... Parts>
+std::string message_of(const Parts&... parts) {
+  std::ostringstream out;
+  ((out << parts), ...);
+  return out.str();
+}
+
+}  // namespace fused_opt_cpu
+
+// Throws std::runtime_error (RuntimeError in Python) with the message alone: unlike
+// STD_TORCH_CHECK it adds no function, file and line, which would only tell a user where the
+// wheel was built. The message is made only when the check fails.
+#define FUSED_OPT_CHECK(cond, ...)                                        \
+  do {                                                                    \
+    if (!(cond)) [[unlikely]]                                             \
+      throw std::runtime_error(::fused_opt_cpu::message_of(__VA_ARGS__)); \
+  } while (false)
 
 namespace fused_opt_cpu {
 

@@ -100,27 +100,27 @@ bool same_sizes(const Tensor& a, const Tensor& b) {
 template <typename Tensor>
 void check_length(const char* op, const char* name, const TensorRefs<Tensor>& list, size_t n,
                   bool required) {
-  STD_TORCH_CHECK(list.size() == n || (!required && list.empty()), "fused_opt.", op, ": expected ",
+  FUSED_OPT_CHECK(list.size() == n || (!required && list.empty()), "fused_opt.", op, ": expected ",
                   n, " ", name, ", got ", list.size());
 }
 
 template <typename Access>
 void check_param(const char* op, size_t i, const typename Access::Tensor& p) {
-  STD_TORCH_CHECK(p.defined(), "fused_opt.", op, ": params[", i, "] is undefined");
-  STD_TORCH_CHECK(is_float_type(p.scalar_type()), "fused_opt.", op, ": params[", i, "] has dtype ",
+  FUSED_OPT_CHECK(p.defined(), "fused_opt.", op, ": params[", i, "] is undefined");
+  FUSED_OPT_CHECK(is_float_type(p.scalar_type()), "fused_opt.", op, ": params[", i, "] has dtype ",
                   p.scalar_type(), ", not a float type");
-  STD_TORCH_CHECK(dtype_index(p.scalar_type()) >= 0, "fused_opt.", op, ": params[", i,
+  FUSED_OPT_CHECK(dtype_index(p.scalar_type()) >= 0, "fused_opt.", op, ": params[", i,
                   "] has dtype ", p.scalar_type(),
                   "; the cpp backend supports float32, float64, float16 and bfloat16");
-  STD_TORCH_CHECK(Access::strided(p), "fused_opt.", op, ": params[", i,
+  FUSED_OPT_CHECK(Access::strided(p), "fused_opt.", op, ": params[", i,
                   "] is not a strided tensor; only strided tensors are supported");
-  STD_TORCH_CHECK(p.is_cpu(), "fused_opt.", op, ": params[", i, "] is on ", device_name_of(p),
+  FUSED_OPT_CHECK(p.is_cpu(), "fused_opt.", op, ": params[", i, "] is on ", device_name_of(p),
                   ", expected cpu");
-  STD_TORCH_CHECK(Access::dense(p), "fused_opt.", op, ": params[", i, "] has sizes ", shape_of(p),
+  FUSED_OPT_CHECK(Access::dense(p), "fused_opt.", op, ": params[", i, "] has sizes ", shape_of(p),
                   " and strides ", strides_of(p),
                   ", which do not cover its memory densely; the cpp backend needs contiguous "
                   "params (or dense permutations such as channels_last)");
-  STD_TORCH_CHECK(Access::plain_memory(p), "fused_opt.", op, ": params[", i,
+  FUSED_OPT_CHECK(Access::plain_memory(p), "fused_opt.", op, ": params[", i,
                   "] is a lazy (neg/conj) view or a wrapper tensor; the cpp backend needs plain "
                   "CPU tensors");
 }
@@ -136,16 +136,16 @@ bool same_layout(const Tensor& t, const Tensor& p) {
 template <typename Access>
 void check_like_param(const char* op, const char* name, size_t i, const typename Access::Tensor& t,
                       const typename Access::Tensor& p) {
-  STD_TORCH_CHECK(t.defined(), "fused_opt.", op, ": ", name, "[", i, "] is undefined");
-  STD_TORCH_CHECK(Access::strided(t), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(t.defined(), "fused_opt.", op, ": ", name, "[", i, "] is undefined");
+  FUSED_OPT_CHECK(Access::strided(t), "fused_opt.", op, ": ", name, "[", i,
                   "] is not a strided tensor; sparse gradients are not supported");
-  STD_TORCH_CHECK(same_sizes(t, p) && t.is_cpu(), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(same_sizes(t, p) && t.is_cpu(), "fused_opt.", op, ": ", name, "[", i,
                   "] has shape ", shape_of(t), " on ", device_name_of(t), ", expected ",
                   shape_of(p), " on ", device_name_of(p), " like params[", i, "]");
-  STD_TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
                   "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[",
                   i, "]");
-  STD_TORCH_CHECK(Access::plain_memory(t), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(Access::plain_memory(t), "fused_opt.", op, ": ", name, "[", i,
                   "] is a lazy (neg/conj) view or a wrapper tensor; the cpp backend needs plain "
                   "CPU tensors");
 }
@@ -175,7 +175,7 @@ void* state_data(const Tensor& t, const Tensor& p, Plan& plan) {
 
 template <typename Access>
 double scalar_value(const char* op, const char* name, const typename Access::Tensor& t) {
-  STD_TORCH_CHECK(t.numel() == 1, "fused_opt.", op, ": ", name, " must have one element, got ",
+  FUSED_OPT_CHECK(t.numel() == 1, "fused_opt.", op, ": ", name, " must have one element, got ",
                   t.numel());
   if (t.scalar_type() == ScalarType::Float && t.is_cpu() && Access::plain_memory(t))
     return *static_cast<const float*>(t.const_data_ptr());
@@ -319,7 +319,7 @@ SgdPlan<typename Access::Tensor> plan_sgd(const SgdCall<typename Access::Tensor>
   const size_t n = call.params.size();
   check_length(kOp, "grads", call.grads, n, true);
   check_length(kOp, "momentum_buffers", call.momentum_buffers, n, false);
-  STD_TORCH_CHECK(call.momentum == 0 || call.momentum_buffers.size() == n,
+  FUSED_OPT_CHECK(call.momentum == 0 || call.momentum_buffers.size() == n,
                   "fused_opt.sgd_: momentum != 0 needs one momentum buffer per param");
 
   const KernelTable& kernels = Access::kernels();
@@ -395,10 +395,10 @@ AdamPlan<typename Access::Tensor> plan_adam(const AdamCall<typename Access::Tens
   check_length(kOp, "exp_avg_sqs", call.exp_avg_sqs, n, false);
   check_length(kOp, "max_exp_avg_sqs", call.max_exp_avg_sqs, n, false);
   check_length(kOp, "steps", call.steps, n, false);
-  STD_TORCH_CHECK(
+  FUSED_OPT_CHECK(
       call.exp_avgs.size() == n && call.exp_avg_sqs.size() == n && call.steps.size() == n,
       "fused_opt.adam_: every param needs exp_avg, exp_avg_sq and step");
-  STD_TORCH_CHECK(!call.amsgrad || call.max_exp_avg_sqs.size() == n,
+  FUSED_OPT_CHECK(!call.amsgrad || call.max_exp_avg_sqs.size() == n,
                   "fused_opt.adam_: amsgrad needs one max_exp_avg_sq per param");
 
   const KernelTable& kernels = Access::kernels();
@@ -438,7 +438,7 @@ AdamPlan<typename Access::Tensor> plan_adam(const AdamCall<typename Access::Tens
     check_like_param<Access>(kOp, "exp_avg_sqs", i, call.exp_avg_sqs[i], p);
     if (!call.max_exp_avg_sqs.empty())
       check_like_param<Access>(kOp, "max_exp_avg_sqs", i, call.max_exp_avg_sqs[i], p);
-    STD_TORCH_CHECK(
+    FUSED_OPT_CHECK(
         s.defined() &&
             (s.scalar_type() == ScalarType::Float || s.scalar_type() == ScalarType::Double) &&
             s.numel() == 1 && s.is_cpu() && Access::plain_memory(s),

@@ -48,13 +48,13 @@ DType dtype_of(const Tensor& t, const char* op, size_t i) {
     case ScalarType::Half: return DType::kFloat16;
     case ScalarType::BFloat16: return DType::kBFloat16;
     default:
-      STD_TORCH_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
+      FUSED_OPT_CHECK(false, "fused_opt.", op, ": params[", i, "] has dtype ", t.scalar_type(),
                       "; the CUDA kernels take float32, float64, float16 and bfloat16");
   }
 }
 
 void check_length(const char* op, const char* name, TensorList list, size_t expected) {
-  STD_TORCH_CHECK(list.size() == expected, "fused_opt.", op, ": expected ", expected, " ", name,
+  FUSED_OPT_CHECK(list.size() == expected, "fused_opt.", op, ": expected ", expected, " ", name,
                   ", got ", list.size());
 }
 
@@ -68,13 +68,13 @@ bool same_dense_layout(const Tensor& a, const Tensor& b) {
 }
 
 void check_param(const char* op, size_t i, const Tensor& p, DeviceIndex device) {
-  STD_TORCH_CHECK(StableAccess::strided(p), "fused_opt.", op, ": params[", i,
+  FUSED_OPT_CHECK(StableAccess::strided(p), "fused_opt.", op, ": params[", i,
                   "] is not a strided tensor; only strided tensors are supported");
-  STD_TORCH_CHECK(on(p, device), "fused_opt.", op, ": params[", i, "] is on ", device_name(p),
+  FUSED_OPT_CHECK(on(p, device), "fused_opt.", op, ": params[", i, "] is on ", device_name(p),
                   " but params[0] is on ", cuda_name(device),
                   "; one call takes the tensors of one device");
   dtype_of(p, op, i);
-  STD_TORCH_CHECK(StableAccess::dense(p), "fused_opt.", op, ": params[", i,
+  FUSED_OPT_CHECK(StableAccess::dense(p), "fused_opt.", op, ": params[", i,
                   "] is not dense (a strided view); the CUDA kernels need dense params");
 }
 
@@ -82,22 +82,22 @@ void check_param(const char* op, size_t i, const Tensor& p, DeviceIndex device) 
 // (they are then read through a copy, see grads_in_param_layout).
 void check_like_param(const char* op, const char* name, size_t i, const Tensor& t, const Tensor& p,
                       bool same_layout) {
-  STD_TORCH_CHECK(StableAccess::strided(t), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(StableAccess::strided(t), "fused_opt.", op, ": ", name, "[", i,
                   "] is not a strided tensor; sparse gradients are not supported");
-  STD_TORCH_CHECK(step_detail::same_sizes(t, p) && on(t, p.get_device()), "fused_opt.", op, ": ",
+  FUSED_OPT_CHECK(step_detail::same_sizes(t, p) && on(t, p.get_device()), "fused_opt.", op, ": ",
                   name, "[", i, "] has shape ", shape(t), " on ", device_name(t), ", expected ",
                   shape(p), " on ", device_name(p), " like params[", i, "]");
-  STD_TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(t.scalar_type() == p.scalar_type(), "fused_opt.", op, ": ", name, "[", i,
                   "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type(), " like params[",
                   i, "]");
-  STD_TORCH_CHECK(!same_layout || same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
+  FUSED_OPT_CHECK(!same_layout || same_dense_layout(t, p), "fused_opt.", op, ": ", name, "[", i,
                   "] has strides ", step_detail::strides_of(t), ", expected ",
                   step_detail::strides_of(p), " like params[", i, "]");
 }
 
 void check_lists(const char* op, TensorList params, TensorList grads,
                  std::initializer_list<std::pair<const char*, TensorList>> states) {
-  STD_TORCH_CHECK(params[0].is_cuda(), "fused_opt.", op, ": params are on ", device_name(params[0]),
+  FUSED_OPT_CHECK(params[0].is_cuda(), "fused_opt.", op, ": params are on ", device_name(params[0]),
                   ", not on a CUDA device");
   const DeviceIndex device = params[0].get_device();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -125,7 +125,7 @@ std::vector<Tensor> grads_in_param_layout(TensorList params, TensorList grads) {
 const float* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t,
                            DeviceIndex device) {
   if (!t.has_value()) return nullptr;
-  STD_TORCH_CHECK(t->numel() == 1 && t->scalar_type() == ScalarType::Float && on(*t, device),
+  FUSED_OPT_CHECK(t->numel() == 1 && t->scalar_type() == ScalarType::Float && on(*t, device),
                   "fused_opt.", op, ": ", name, " must be a 1-element float32 tensor on ",
                   cuda_name(device), ", got ", t->scalar_type(), " ", shape(*t), " on ",
                   device_name(*t));
@@ -145,24 +145,24 @@ HyperParam hyper_param(const char* op, const char* name, const HyperArg& arg, De
   if (arg.tensor == nullptr) return HyperParam{arg.value, nullptr, false};
   const Tensor& t = *arg.tensor;
   const bool is_double = t.scalar_type() == ScalarType::Double;
-  STD_TORCH_CHECK(
+  FUSED_OPT_CHECK(
       t.numel() == 1 && (t.scalar_type() == ScalarType::Float || is_double), "fused_opt.", op, ": ",
       name, " must be a 1-element float32 or float64 tensor, got ", t.scalar_type(), " ", shape(t));
   if (t.is_cpu()) return HyperParam{StableAccess::item(t), nullptr, false};
-  STD_TORCH_CHECK(on(t, device), "fused_opt.", op, ": ", name, " is on ", device_name(t),
+  FUSED_OPT_CHECK(on(t, device), "fused_opt.", op, ": ", name, " is on ", device_name(t),
                   ", expected the CPU or the params' device ", cuda_name(device));
   return HyperParam{0.0, t.const_data_ptr(), is_double};
 }
 
 void check_launch(const char* op, cudaError_t error) {
-  STD_TORCH_CHECK(error == cudaSuccess, "fused_opt.", op,
+  FUSED_OPT_CHECK(error == cudaSuccess, "fused_opt.", op,
                   ": CUDA error: ", cudaGetErrorString(error));
 }
 
 // torch's current stream on `device` (AOTInductor's C shim, part of the stable ABI).
 cudaStream_t current_stream(const char* op, DeviceIndex device) {
   void* stream = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+  FUSED_OPT_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
                   "fused_opt.", op, ": could not get the current CUDA stream of ",
                   cuda_name(device));
   return static_cast<cudaStream_t>(stream);
@@ -199,13 +199,13 @@ cudaError_t kernel_image_on(DeviceIndex index) {
 // reported as that, not as fused_opt's.
 void check_before_launch(const char* op, DeviceIndex device) {
   const cudaError_t image = kernel_image_on(device);
-  STD_TORCH_CHECK(!is_arch_error(image), "fused_opt.", op, ": the CUDA kernels hold no code that ",
+  FUSED_OPT_CHECK(!is_arch_error(image), "fused_opt.", op, ": the CUDA kernels hold no code that ",
                   cuda_name(device), " can run (", cudaGetErrorString(image),
                   "); rebuild for its arch (TORCH_CUDA_ARCH_LIST) or use backend='torch'");
-  STD_TORCH_CHECK(image == cudaSuccess, "fused_opt.", op,
+  FUSED_OPT_CHECK(image == cudaSuccess, "fused_opt.", op,
                   ": CUDA error before the first launch: ", cudaGetErrorString(image));
   const cudaError_t pending = cudaPeekAtLastError();
-  STD_TORCH_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
+  FUSED_OPT_CHECK(pending == cudaSuccess, "fused_opt.", op, ": a CUDA error from earlier work is ",
                   "pending (", cudaGetErrorString(pending), "); fused_opt launched nothing and ",
                   "changed nothing. CUDA_LAUNCH_BLOCKING=1 shows where it arose");
 }
@@ -225,7 +225,7 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
   if (h.momentum != 0.0) {
     check_length(op, "momentum_buffers", momentum_buffers, n);
   } else {
-    STD_TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fused_opt.", op,
+    FUSED_OPT_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fused_opt.", op,
                     ": expected 0 or ", n, " momentum_buffers, got ", momentum_buffers.size());
   }
   if (n == 0) return;
@@ -293,12 +293,12 @@ bool check_steps(const char* op, TensorList steps, DeviceIndex device) {
   const bool on_device = on(steps[0], device);
   for (size_t i = 0; i < steps.size(); ++i) {
     const Tensor& s = steps[i];
-    STD_TORCH_CHECK(
+    FUSED_OPT_CHECK(
         s.numel() == 1 &&
             (s.scalar_type() == ScalarType::Float || s.scalar_type() == ScalarType::Double),
         "fused_opt.", op, ": steps[", i, "] must be a 1-element float32 or float64 tensor, got ",
         s.scalar_type(), " ", shape(s));
-    STD_TORCH_CHECK(on_device ? on(s, device) : s.is_cpu(), "fused_opt.", op, ": steps[", i,
+    FUSED_OPT_CHECK(on_device ? on(s, device) : s.is_cpu(), "fused_opt.", op, ": steps[", i,
                     "] is on ", device_name(s), "; steps must all be on the CPU or all on ",
                     cuda_name(device), " (capturable)");
   }
@@ -332,7 +332,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   if (h.amsgrad) {
     check_length(op, "max_exp_avg_sqs", max_exp_avg_sqs, n);
   } else {
-    STD_TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "fused_opt.", op,
+    FUSED_OPT_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "fused_opt.", op,
                     ": expected 0 or ", n, " max_exp_avg_sqs, got ", max_exp_avg_sqs.size());
   }
   if (n == 0) return;
@@ -358,7 +358,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   options.capturable = capturable;
   options.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
   options.found_inf = device_scalar(op, "found_inf", found_inf, device);
-  STD_TORCH_CHECK(
+  FUSED_OPT_CHECK(
       betas_usable(options), "fused_opt.", op, ": betas on ", cuda_name(device),
       " need the steps there too (capturable=True): without, the host computes the bias ",
       "corrections");
@@ -370,7 +370,7 @@ void adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     // A graph would replay the host step counts of the capture: refuse instead.
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     check_launch(op, cudaStreamIsCapturing(stream, &capture));
-    STD_TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "fused_opt.", op,
+    FUSED_OPT_CHECK(capture == cudaStreamCaptureStatusNone, "fused_opt.", op,
                     ": capturing a CUDA graph needs the steps on the device (capturable=True)");
     // Host step counts cannot depend on a device flag without reading it: the one
     // synchronisation of the non-capturable path, and only when a GradScaler passes found_inf.
