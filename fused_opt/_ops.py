@@ -258,17 +258,16 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _load_problem(backend: str) -> str | None:
-    """Why ``backend``'s module must not be loaded under the running torch, or None.
+def _load_problem() -> str | None:
+    """Why the compiled kernels must not be loaded under the running torch, or None.
 
-    The CPU kernels use torch's stable ABI: any torch from the build's target version on runs
-    them. A binary on torch's C++ API (the CUDA kernels) works only with the torch minor it was
-    compiled against and can crash on load under another: never try it."""
+    They use torch's stable ABI: any torch from the build's target version on runs them. A
+    build without a target (before the stable ABI) works only with the torch minor it was
+    compiled against, and can crash on load under another: never try it."""
     built_for = BUILD_INFO.get("torch_version")
     if not built_for:
         return None
-    target = BUILD_INFO.get("torch_target") if backend == "cpp" else None
-    if target:
+    if target := BUILD_INFO.get("torch_target"):
         if _release(torch.__version__)[:2] < _release(target)[:2]:
             return (
                 f"it needs torch >= {target} (the stable ABI it targets), not {torch.__version__}"
@@ -299,8 +298,9 @@ def _load_direct() -> None:
 
 
 def _load_native() -> None:
+    problem = _load_problem()
     for backend, module in _NATIVE_MODULES.items():
-        if problem := _load_problem(backend):
+        if problem:
             LOAD_ERRORS[backend] = problem
             continue
         try:

@@ -23,6 +23,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')"  # absolute: the wheel check moves
 RESULTS="${OUT:-$ROOT/bench/runs}"
 mkdir -p "$RESULTS"
 START=$(date +%s)
