@@ -50,8 +50,10 @@ bench: install
 cuda-check:
 	bash tools/check_cuda.sh
 
-# The one-shot check of a GPU machine (tools/gpu_check.sh): no venv, no install, nothing fetched;
-# the project's venv where one exists (practice on a CPU machine), else python3 (the GPU image's).
+# The one-shot check of a GPU machine (tools/gpu_check.sh): no venv, nothing fetched; the CUDA
+# wheel in build/cuda-check/wheelhouse/ (tools/check_cuda_build.sh) installed into a scratch
+# folder when there, else a build for that GPU. The project's venv where one exists (practice on
+# a CPU machine), else python3 (the GPU image's).
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	PYTHON=$(GPU_CHECK_PYTHON) bash tools/gpu_check.sh

@@ -165,7 +165,7 @@ def stable_abi_macros() -> list[tuple[str, str]]:
     py_major, py_minor = (int(x) for x in PYTHON_TARGET.split("."))
     return [
         ("TORCH_TARGET_VERSION", f"0x{torch_major:02x}{torch_minor:02x}000000000000"),
-        ("Py_LIMITED_API", f"0x{py_major:02x}{py_minor:02x}0000"),
+        ("Py_LIMITED_API", f"0x{py_major:02X}{py_minor:02X}0000"),  # as setuptools spells it
     ]
 
 
@@ -174,7 +174,13 @@ def glibc_floor() -> tuple[list[str], list[str]]:
     on Linux with glibc; nothing elsewhere."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return [], []
-    return ["csrc/common/glibc_floor.cpp"], ["-Wl,--wrap=pow", "-Wl,--wrap=dlsym"]
+    # libdl.so.2: where dlsym@GLIBC_2.2.5 lives before glibc 2.34, so that it is loaded there
+    # (named by its soname: newer glibc ships only that stub and an empty libdl.a).
+    return ["csrc/common/glibc_floor.cpp"], [
+        "-Wl,--wrap=pow",
+        "-Wl,--wrap=dlsym",
+        "-Wl,--no-as-needed,-l:libdl.so.2",
+    ]
 
 
 def cpu_extension(root: Path, isas: list[str]):
@@ -426,14 +432,17 @@ def main() -> None:
             cuda_version=None,
             cuda_archs=[],
             torch_target=TORCH_TARGET,
+            torch_git_version=getattr(torch.version, "git_version", None),
             python_target=PYTHON_TARGET,
             # The accelerator (_C_direct) serves this torch release and this Python only.
             direct_python=platform.python_version(),
         )
         ext_modules += [cpu_extension(ROOT, isas), direct_extension(ROOT)]
-        # An earlier in-place build's per-Python _C would shadow the abi3 one.
-        for stale in (ROOT / "fused_opt").glob("_C.cpython-*"):
-            stale.unlink()
+        # An earlier in-place build's per-Python libraries would shadow the abi3 ones (Python
+        # tries the .cpython-3XY suffix first) and load a torch-specific binary under any torch.
+        for pattern in ("_C.cpython-*", "_C_cuda.cpython-*"):
+            for stale in (ROOT / "fused_opt").glob(pattern):
+                stale.unlink()
         cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"))
         if cuda is not None:
             extension, cuda_version, archs = cuda

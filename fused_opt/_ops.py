@@ -107,7 +107,24 @@ def count_updates(op: Any, written: tuple[int, ...], args: tuple, kwargs: dict) 
         and found_inf.item() != 0
     ):
         return
-    torch._C._increment_version([t for i in written for t in args[i]])
+    _increment_versions([t for i in written for t in args[i]])
+
+
+def _increment_versions(tensors: list[torch.Tensor]) -> None:
+    """torch._C._increment_version over a list: one call from torch 2.5 on, one per tensor on
+    torch 2.4 (the pure-Python install's oldest)."""
+    if _VERSIONS_BY_LIST:
+        torch._C._increment_version(tensors)
+    else:
+        for t in tensors:
+            torch._C._increment_version(t)
+
+
+try:
+    torch._C._increment_version([])
+    _VERSIONS_BY_LIST = True
+except TypeError:
+    _VERSIONS_BY_LIST = False
 
 
 def _count_updates(op: Any, written: tuple[int, ...]) -> Callable[..., None]:
@@ -285,7 +302,10 @@ def _load_direct() -> None:
     if os.environ.get("FUSED_OPT_DIRECT") == "0":  # benchmarks and tests of the stable path
         DIRECT_NOTE = "disabled by FUSED_OPT_DIRECT=0"
         return
-    if _release(built_for) != _release(torch.__version__):
+    # Exactly that build: two nightlies or source builds of one release differ in layouts the
+    # accelerator reads, and a mismatch there would not fail to load, it would crash.
+    built_git = BUILD_INFO.get("torch_git_version")
+    if built_for != torch.__version__ or built_git not in (None, torch.version.git_version):
         DIRECT_NOTE = f"built for torch {built_for}; torch {torch.__version__} runs"
         return
     try:

@@ -1016,6 +1016,23 @@ def test_grads_of_reads_each_params_grad():
         _D.grads_of(tuple(params))
 
 
+def test_a_failed_call_keeps_no_reference_to_its_tensors():
+    """The dispatcher kernels reuse thread-local storage for the lists: a check that fails must
+    not leave the caller's tensors alive there."""
+    import gc
+    import weakref
+
+    p = torch.zeros(4)
+    alive = weakref.ref(p)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[5\]"):
+        torch.ops.fused_opt.sgd_([p], [torch.zeros(5)], [], weight_decay=0.0, momentum=0.0,
+                                 lr=0.1, dampening=0.0, nesterov=False, maximize=False,
+                                 is_first_step=False)  # fmt: skip
+    del p
+    gc.collect()
+    assert alive() is None
+
+
 def test_in_place_updates_bump_version_counters():
     """Autograd must see the in-place updates (saved-tensor checks), as with torch.optim."""
     state = adam_state([(5,), (3,)], torch.float32)

@@ -169,7 +169,8 @@ def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
     names, info, headers, requires, wheel_text = check_wheel.read_wheel(cpu_wheel)
     # One name for every torch and Python: no local label, no pin, the abi3 tag.
     assert headers["Version"] == "0.1.0"
-    assert requires == [f"torch>={info['torch_target']}"] and info["torch_target"] <= "2.11"
+    target = tuple(int(x) for x in info["torch_target"].split("."))
+    assert requires == [f"torch>={info['torch_target']}"] and target <= (2, 11)
     tags = re.findall(r"^Tag: (.+)$", wheel_text, re.M)
     assert tags and all(tag.startswith("cp310-abi3-") for tag in tags), tags
     assert "fused_opt/_C.abi3.so" in names
@@ -462,6 +463,31 @@ def test_a_compiler_without_avx512bf16_builds_the_other_variants(tmp_path, monke
     monkeypatch.setenv("FUSED_OPT_CPU_ISAS", "avx2,avx512bf16")
     with pytest.raises(SystemExit, match=r"cannot build FUSED_OPT_CPU_ISAS \['avx512bf16'\]"):
         setup.cpu_isas()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and glibc")
+def test_check_wheel_refuses_a_glibc_symbol_newer_than_the_tag(tmp_path):
+    """A library linked as a modern toolchain links pow (pow@GLIBC_2.29 on glibc >= 2.29) breaks
+    a manylinux_2_28 promise; the same library held to the floor by glibc_floor.cpp does not."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "lib.c"
+    source.write_text("#include <math.h>\ndouble f(double a, double b) { return pow(a, b); }\n")
+    plain = tmp_path / "plain.so"
+    run(cc, "-shared", "-fPIC", "-O0", "-fno-builtin", source, "-o", plain, "-lm")
+    elf = check_wheel.Elf(plain.read_bytes())
+    glibc = {v for lib, vs in elf.version_needs().items() if lib.startswith("libm") for v in vs}
+    if "GLIBC_2.29" not in glibc:
+        pytest.skip(f"this glibc gives pow {sorted(glibc)}, not GLIBC_2.29")
+    problems = check_wheel.elf_problems("plain.so", plain.read_bytes(), 28, stable=False)
+    assert any("GLIBC_2.29" in p and "manylinux_2_28" in p for p in problems), problems
+    assert check_wheel.elf_problems("plain.so", plain.read_bytes(), 34, stable=False) == []
+    floored = tmp_path / "floored.so"
+    floor_sources, floor_flags = _setup_module().glibc_floor()  # what every extension gets
+    sources = [source, *(ROOT / f for f in floor_sources)]
+    run(cc, "-shared", "-fPIC", "-O0", "-fno-builtin", *sources, "-o", floored, "-lm", *floor_flags)
+    assert check_wheel.elf_problems("floored.so", floored.read_bytes(), 28, stable=False) == []
 
 
 def test_local_version_label_names_the_cuda_major_and_no_torch():

@@ -37,7 +37,10 @@ ABI3_TAG = "cp310-abi3"
 CXX_FLOORS = {17: ("3.4.19", "1.3.7"), 28: ("3.4.24", "1.3.11"), 31: ("3.4.28", "1.3.12"),
               34: ("3.4.29", "1.3.13")}  # fmt: skip
 # Symbols of torch's C++ API (at::, c10::, torch::), which a stable-ABI library must not need.
-TORCH_CXX_SYMBOL = re.compile(r"^_ZN[KVRLO]*(?:2at|3c10|5torch)")
+# (Functions and objects, and the vtables and type info of their classes.)
+TORCH_CXX_SYMBOL = re.compile(r"^_Z(?:T[VIS])?N[KVRLO]*(?:2at|3c10|5torch)")
+# The legacy names of the oldest manylinux floors.
+LEGACY_TAGS = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
 DIST_INFO_FILES = ("METADATA", "WHEEL", "RECORD", "top_level.txt", "LICENSE*", "licenses/*")
 MINIMUM_TORCH = "torch>=2.4"
 
@@ -126,7 +129,7 @@ def elf_problems(name: str, binary: bytes, glibc_floor: int | None, stable: bool
     symbols and no libtorch_python."""
     try:
         elf = Elf(binary)
-    except (ValueError, struct.error) as error:
+    except (ValueError, struct.error, IndexError) as error:
         return [f"{name}: unreadable ELF ({error})"]
     problems = []
     if stable:
@@ -162,8 +165,11 @@ def platform_problems(tags: list[str]) -> tuple[list[str], int | None]:
         if python_abi != ABI3_TAG:
             problems.append(f"tag {tag} is not {ABI3_TAG}: the binaries use the limited API")
         match = re.fullmatch(r"manylinux_2_(\d+)_\w+", plat)
+        legacy = re.fullmatch(r"(manylinux\w*?)_(?:x86_64|aarch64|i686|ppc64le|s390x)", plat)
         if match:
             floors.add(int(match.group(1)))
+        elif legacy and legacy.group(1) in LEGACY_TAGS:
+            floors.add(LEGACY_TAGS[legacy.group(1)])
         elif not plat.startswith("linux_"):
             problems.append(f"tag {tag}: unknown platform {plat}")
     return problems, min(floors) if floors else None

@@ -1,5 +1,5 @@
 // Keeps every fused_opt library loadable on glibc 2.28 (manylinux_2_28: RHEL 8, Ubuntu 20.04),
-// whatever glibc builds it. Only two symbols of a newer glibc are ever pulled in:
+// whatever glibc builds it. Only three symbols of a newer glibc are ever pulled in:
 //
 // - pow@GLIBC_2.29 (std::pow of the bias corrections). glibc 2.29 gave pow a new default
 //   version without changing what it computes for finite input; the previous version,
@@ -8,8 +8,8 @@
 //   which calls that older version.
 // - dlsym@GLIBC_2.34 (torch 2.14's stable-ABI headers look up newer shim functions at run time).
 //   glibc 2.34 moved dlsym from libdl into libc under a new version; dlsym@GLIBC_2.2.5 (2.17 on
-//   aarch64) is the same function, in libdl before 2.34 and in libc since. -Wl,--wrap=dlsym
-//   sends the calls to __wrap_dlsym, as for pow.
+//   aarch64) is the same function, in libdl before 2.34 and in libc since (the build links
+//   libdl, so it is loaded there). -Wl,--wrap=dlsym sends the calls to __wrap_dlsym, as for pow.
 // - __libc_single_threaded@GLIBC_2.32, which libstdc++'s shared_ptr reads to skip its atomic
 //   reference counts in single-threaded processes. A hidden definition here, always 0 ("other
 //   threads may exist"), binds those reads inside the library: the counts are then always

@@ -30,6 +30,16 @@ struct ListArg {
   }
 };
 
+// Releases a call's lists however it ends: after a failed check, this thread's reused storage
+// must not keep the caller's tensors alive.
+template <size_t N>
+struct ReleasedOnExit {
+  ListArg (&lists)[N];
+  ~ReleasedOnExit() {
+    for (ListArg& list : lists) list.release();
+  }
+};
+
 // A hyper-parameter given as a float or (in the tensor overloads) a one-element tensor. Every
 // argument is taken off the stack before any is checked, so that an error leaks none.
 template <bool kTensor>
@@ -53,6 +63,7 @@ struct HyperArg {
 template <bool kTensorLr>
 void sgd_boxed(StableIValue* stack, uint64_t, uint64_t) {
   thread_local ListArg lists[3];
+  const ReleasedOnExit<3> released{lists};
   SgdCall<Tensor> call{};
   call.params = lists[0].take(stack[0]);
   call.grads = lists[1].take(stack[1]);
@@ -70,7 +81,6 @@ void sgd_boxed(StableIValue* stack, uint64_t, uint64_t) {
   call.found_inf = found_inf ? &*found_inf : nullptr;
   call.lr = lr.value("sgd_", "lr");
   run_plan<StableAccess>(plan_sgd<StableAccess>(call));
-  for (ListArg& list : lists) list.release();
 }
 
 // Arguments: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
@@ -78,6 +88,7 @@ void sgd_boxed(StableIValue* stack, uint64_t, uint64_t) {
 template <bool kTensorLr, bool kTensorHyper>
 void adam_boxed(StableIValue* stack, uint64_t, uint64_t) {
   thread_local ListArg lists[6];
+  const ReleasedOnExit<6> released{lists};
   AdamCall<Tensor> call{};
   call.params = lists[0].take(stack[0]);
   call.grads = lists[1].take(stack[1]);
@@ -100,7 +111,6 @@ void adam_boxed(StableIValue* stack, uint64_t, uint64_t) {
   call.beta2 = beta2.value("adam_", "beta2");
   call.weight_decay = weight_decay.value("adam_", "weight_decay");
   run_plan<StableAccess>(plan_adam<StableAccess>(call));
-  for (ListArg& list : lists) list.release();
 }
 
 }  // namespace
