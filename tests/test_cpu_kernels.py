@@ -548,6 +548,36 @@ def test_low_precision_special_values_round_like_torch(isa, dtype):
             assert_bitwise([p], [expected], f"{name}, lr={lr}")
 
 
+def test_bf16_stores_round_every_pattern_like_torch(isa):
+    """p + g (lr = -1) is exact in fp32 before the store rounds it to bf16: with p every bf16 bit
+    pattern (NaN, Inf, subnormals, both signs) and g small against it, the sums cover every
+    kind of lower half, exact ties of both parities among them. The stored bits must be torch's
+    round-to-nearest-even, bit for bit, and NaN a NaN (its payload is not compared: torch's
+    vectorised conversion and avx512bf16's instruction keep it, the other variants store
+    0x7FC0 as torch's scalar conversion does)."""
+    p = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    for shift in (8, 9, 12, 16, 24):
+        # Each g a bf16 value of p's size times 2^-shift (a tie at shift 8 and 9), one in four
+        # of random size and sign.
+        g = p.float().abs().nan_to_num(0.0, 0.0, 0.0) * 2.0**-shift
+        mixed = torch.rand(p.numel(), generator=gen) < 0.25
+        g = torch.where(mixed, torch.randn(p.numel(), generator=gen) * g, g).to(torch.bfloat16)
+        out = p.clone()
+        torch.ops.fused_opt.sgd_([out], [g], [], weight_decay=0.0, momentum=0.0, lr=-1.0,
+                                 dampening=0.0, nesterov=False, maximize=False,
+                                 is_first_step=False)  # fmt: skip
+        expected = (p.float() + g.float()).to(torch.bfloat16)
+        got_bits, want_bits = out.view(torch.int16), expected.view(torch.int16)
+        nan = expected.isnan()
+        wrong = ((got_bits != want_bits) & ~nan | (nan & ~out.isnan())).nonzero().flatten()
+        assert wrong.numel() == 0, (
+            f"shift {shift}: {wrong.numel()} wrong, e.g. p={p[wrong[:3]].view(torch.int16)} "
+            f"g={g[wrong[:3]].view(torch.int16)} got={got_bits[wrong[:3]]} "
+            f"want={want_bits[wrong[:3]]}"
+        )
+
+
 # ---- the division by bias_correction2_sqrt ---------------------------------------------------
 def bias_corrections2_sqrt(beta2, steps):
     return [(1 - beta2**step) ** 0.5 for step in steps]

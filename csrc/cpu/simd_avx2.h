@@ -66,9 +66,10 @@ struct Lanes<double> {
 
 #include "simd_pair.h"
 
-// bf16 is the top half of an fp32. One 32-byte load of 16 values is widened by interleaving it
-// with zeros within 128-bit lanes: `lo` holds elements 0-3 and 8-11, `hi` 4-7 and 12-15. The
-// kernels are elementwise; the in-lane pack in store() restores the order.
+// bf16 is the top half of an fp32. One 32-byte load of 16 values is widened by splitting each
+// 32-bit word into its two values: `lo` holds the even elements (the low halves, shifted up),
+// `hi` the odd ones (the high halves, masked). The kernels are elementwise; store() puts every
+// value back in its half.
 template <>
 struct Lanes<bf16> {
   using Vec = Pair<VF>;
@@ -77,25 +78,29 @@ struct Lanes<bf16> {
   static Vec splat(float x) { return {VF{_mm256_set1_ps(x)}, VF{_mm256_set1_ps(x)}}; }
   static Vec load(const bf16* p) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i zero = _mm256_setzero_si256();
-    return {VF{_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x))},
-            VF{_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x))}};
+    return {VF{_mm256_castsi256_ps(_mm256_slli_epi32(x, 16))},
+            VF{_mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536)))}};
   }
+  // Round to nearest even on 16-bit lanes, both vectors at once: the upper halves `top` (the
+  // truncated bf16 values, in memory order) and the lower halves `rest` of the 16 fp32 values.
+  // A value rounds up when rest + 0x7FFF + (top & 1) carries, that is when rest >= 0x8001 -
+  // (top & 1). NaN becomes 0x7FC0 (as torch rounds), told from `top` alone: every NaN a kernel
+  // stores is quiet (arithmetic makes quiet NaNs, loads keep bf16's), so its top is above 0x7F80
+  // in magnitude, whatever its lower half. 12 operations for 16 values, where rounding each
+  // 32-bit lane and packing took 15 (docs/CPU_KERNELS.md).
   static void store(bf16* p, Vec x) {
-    // Every lane is <= 0xFFFF after rounded_top, so the unsigned saturating pack is exact.
-    const __m256i packed = _mm256_packus_epi32(rounded_top(x.lo.v), rounded_top(x.hi.v));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
-  }
-
- private:
-  // Round to nearest even and shift down (see simd_avx512.h); NaN -> 0x7FC0.
-  static __m256i rounded_top(__m256 x) {
-    const __m256i bits = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), is_nan);
-    return _mm256_srli_epi32(rounded, 16);
+    const __m256i even = _mm256_castps_si256(x.lo.v), odd = _mm256_castps_si256(x.hi.v);
+    const __m256i top = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);
+    const __m256i rest = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xAA);
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m256i threshold =
+        _mm256_sub_epi16(_mm256_set1_epi16(-32767), _mm256_and_si256(top, one));
+    const __m256i carries = _mm256_cmpeq_epi16(_mm256_max_epu16(rest, threshold), rest);
+    const __m256i rounded = _mm256_sub_epi16(top, carries);  // carries are -1
+    const __m256i magnitude = _mm256_and_si256(top, _mm256_set1_epi16(0x7FFF));
+    const __m256i is_nan = _mm256_cmpgt_epi16(magnitude, _mm256_set1_epi16(0x7F80));
+    const __m256i out = _mm256_blendv_epi8(rounded, _mm256_set1_epi16(0x7FC0), is_nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
   }
 };
 
