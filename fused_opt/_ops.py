@@ -173,10 +173,6 @@ _REMEDY = (
 )
 
 
-def _torch_minor(version: str) -> str:
-    return ".".join(version.split("+")[0].split(".")[:2])
-
-
 class DamagedBinaryError(ImportError):
     """A compiled module's file is shorter than the segments its ELF headers say it loads."""
 
@@ -290,7 +286,7 @@ def _load_problem() -> str | None:
                 f"it needs torch >= {target} (the stable ABI it targets), not {torch.__version__}"
             )
         return None
-    if _torch_minor(built_for) != _torch_minor(torch.__version__):
+    if _release(built_for)[:2] != _release(torch.__version__)[:2]:
         return f"it was built against torch {built_for} but torch {torch.__version__} is installed"
     return None
 
@@ -394,15 +390,16 @@ def direct_module() -> Any | None:
     return DIRECT
 
 
-def _cpu_floats(t: torch.Tensor, name: str) -> None:
-    if not (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()):
-        raise ValueError(f"{name} must be a contiguous fp32 CPU tensor")
+def _cpu_floats(t: torch.Tensor) -> bool:
+    """Whether the compiled passes below may read ``t`` as plain fp32 memory."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def divide_by_constant(x: torch.Tensor, out: torch.Tensor, c: float) -> None:
     """out = x / c as the active SIMD variant's 16-bit Adam kernels divide (for the tests)."""
-    _cpu_floats(x, "x")
-    _cpu_floats(out, "out")
+    for name, t in (("x", x), ("out", out)):
+        if not _cpu_floats(t):
+            raise ValueError(f"{name} must be a contiguous fp32 CPU tensor")
     if x.numel() != out.numel():
         raise ValueError("divide_by_constant: x and out must have one size")
     COMPILED["cpp"].divide_by_constant_at(x.data_ptr(), out.data_ptr(), x.numel(), c)
@@ -417,10 +414,8 @@ def stream_pass(arrays: list[torch.Tensor]) -> None:
     ):
         raise TypeError("stream_pass: arrays must be a list of tensors")
     usable = 1 <= len(arrays) <= 5 and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-        and t.numel() == arrays[0].numel()
-        for t in arrays
-    )  # fmt: skip
+        _cpu_floats(t) and t.numel() == arrays[0].numel() for t in arrays
+    )
     if not usable:
         raise ValueError(
             "stream_pass: arrays must be 1 to 5 contiguous fp32 CPU tensors of one size"
