@@ -148,7 +148,10 @@ CPU_ISA_FLAGS = {
 }
 CPU_ISA_FLAGS["avx512bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
 # FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
-CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# C++17, not torch's C++20, for the stable-ABI libraries: in C++20 libstdc++'s ostringstream::str()
+# (torch's STD_TORCH_CHECK uses it) is a GLIBCXX_3.4.29 symbol, which manylinux_2_28 nodes lack.
+STABLE_CXX_STD = "-std=c++17"
+CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", STABLE_CXX_STD]
 
 
 # The stable ABI version the compiled ops target: the lowest torch whose stable ABI has what they
@@ -397,7 +400,7 @@ def cuda_extension(root: Path, choice: str):
         ["csrc/cuda/ops_cuda.cpp", *kernels, *floor_sources],
         extra_link_args=floor_flags,
         # No fast math: the kernels must round like torch.optim (IEEE division and sqrt).
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", STABLE_CXX_STD], "nvcc": ["-O3", "-lineinfo"]},
         # USE_CUDA: the CUDA part of AOTInductor's C shim (the current stream).
         define_macros=[*stable_abi_macros(), ("USE_CUDA", "1")],
         depends=[str(path.relative_to(root)) for path in headers],

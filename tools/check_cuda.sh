@@ -7,7 +7,8 @@
 #      CUDA_CHECK_ARCHS="8.0 9.0" checks fewer, faster;
 #   2. the torch glue (csrc/cuda/ops_cuda.cpp) with `g++ -fsyntax-only` against the installed
 #      torch's headers (a CPU build of torch has the stable ABI's headers too), with the build's
-#      macros: the stable ABI of the target torch and CPython's limited API only.
+#      standard (C++17, setup.py's STABLE_CXX_STD) and macros: the stable ABI of the target torch
+#      and CPython's limited API only.
 #
 # Exits non-zero on any failure. Without nvcc it says so and exits 0 (nothing to check); set
 # FUSED_OPT_REQUIRE_NVCC=1 to make that an error. NVCC, CXX and PYTHON override the tools.
@@ -91,7 +92,8 @@ PY
   # The macros of the build (setup.py: stable_abi_macros and USE_CUDA): the glue may use only
   # torch's stable ABI of the target version and CPython's limited API.
   macros=($(cd "$ROOT" && "$PYTHON" -c 'import setup; print(" ".join(f"-D{k}={v}" for k, v in setup.stable_abi_macros()))') -DUSE_CUDA=1)
-  if "$CXX" -std=c++20 -fsyntax-only -Wall -Wextra -Werror "${macros[@]}" "${includes[@]}" "$SRC/ops_cuda.cpp"; then
+  cxx_std=$(cd "$ROOT" && "$PYTHON" -c 'import setup; print(setup.STABLE_CXX_STD)')  # C++17
+  if "$CXX" "$cxx_std" -fsyntax-only -Wall -Wextra -Werror "${macros[@]}" "${includes[@]}" "$SRC/ops_cuda.cpp"; then
     echo "check_cuda: ops_cuda.cpp ok (g++ -fsyntax-only against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
   else
     echo "check_cuda: ops_cuda.cpp FAILED" >&2
