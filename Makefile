@@ -15,7 +15,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Pinned: each release of a formatter moves lines around (the pyproject `dev` extra matches).
 LINTERS := "ruff==0.17.*" "clang-format==23.1.*"
 
-.PHONY: help install test bench lint format wheel cuda-check gpu-check clean
+.PHONY: help install test bench lint format wheel cuda-check gpu-check test-aarch64 clean
 
 help:
 	@echo "make test    build and run the test suite (also: make cuda-check)"
@@ -23,6 +23,7 @@ help:
 	@echo "make lint    ruff + clang-format checks;  make format  fixes them"
 	@echo "make wheel   build a binary wheel (see docs/INSTALL.md)"
 	@echo "make gpu-check  the one-shot check of a GPU machine (tools/gpu_check.sh)"
+	@echo "make test-aarch64  the aarch64 wheel, built and tested under qemu (tools/aarch64.sh)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,11 @@ gpu-check:
 
 wheel: install
 	PYTHON=$(PY) bash tools/build_wheel.sh
+
+# The aarch64 wheel (wheelhouse/), cross-built here and tested under qemu with PyPI's aarch64
+# torch: Debian with apt as root; about 26 minutes on 2 cores (tools/aarch64.sh).
+test-aarch64: install
+	PYTHON=$(PY) bash tools/aarch64.sh
 
 lint: | $(PY)
 	$(PIP) $(LINTERS)

@@ -11,8 +11,9 @@ Environment variables (the same table is in docs/INSTALL.md; tests/test_wheel.py
                                        The newest always gets PTX too, so newer GPUs can JIT it.
   CUDA_HOME             path           the CUDA toolkit; unset: the one `nvcc --dryrun` names.
   FUSED_OPT_CPU_ISAS    e.g. "avx2"    SIMD variants to compile besides the portable baseline
-                                       (default: those of avx2, avx512, avx512bf16 on x86-64
-                                       that the compiler can build).
+                                       (default: those of avx2, avx512, avx512bf16 on x86-64,
+                                       neon, neonbf16, sve128, sve256 on aarch64 Linux, that the
+                                       compiler can build). The target is the compiler's.
   MAX_JOBS              N              parallel compile jobs (torch's ninja builder).
   CXX, NVCC             paths          the compilers.
 
@@ -45,6 +46,8 @@ VERSION = "0.1.0"
 # torch's cu130 wheels' archs, T4 to RTX 50xx: the default when torch does not say its own.
 FALLBACK_CUDA_ARCHS = ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")
 X86_ISAS = ("avx2", "avx512", "avx512bf16")
+# isa.cpp ranks them (the default is the best one the CPU runs).
+AARCH64_ISAS = ("neon", "neonbf16", "sve128", "sve256")
 
 
 def env_choice(name: str, default: str = "auto") -> str:
@@ -58,39 +61,78 @@ def have_cxx() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
 
 
+def arch_name(machine: str) -> str:
+    """x86_64 or aarch64 under either of their names (AMD64 and arm64 are Windows' and macOS')."""
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine.lower())
+
+
+def target_arch() -> str:
+    """The CPU the C++ compiler builds for ("x86_64", "aarch64", ...): the target of its
+    -dumpmachine triple (a cross compiler's, not this machine's), else this machine's."""
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "-dumpmachine"], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        arch = out.stdout.strip().split("-")[0] if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        arch = ""
+    return arch_name(arch or platform.machine())
+
+
+def cross_compiling() -> bool:
+    return target_arch() != arch_name(platform.machine())
+
+
+def known_isas() -> tuple[str, ...]:
+    """The SIMD variants of the target: x86-64's, or aarch64's on Linux (isa.cpp reads HWCAP)."""
+    arch = target_arch()
+    if arch == "x86_64" and sys.platform != "win32":
+        return X86_ISAS
+    if arch == "aarch64" and sys.platform.startswith("linux"):
+        return AARCH64_ISAS
+    return ()
+
+
 def cpu_isas() -> list[str]:
-    """The SIMD variants to compile: FUSED_OPT_CPU_ISAS, else every one the compiler can build
-    (GCC < 10 and Clang < 9 lack -mavx512bf16: such a build leaves that variant out)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
+    """The SIMD variants to compile: FUSED_OPT_CPU_ISAS, else every one of the target's that the
+    compiler can build (GCC < 10 and Clang < 9 lack -mavx512bf16 and +bf16: such a build leaves
+    those variants out)."""
+    known = known_isas()
     requested = os.environ.get("FUSED_OPT_CPU_ISAS")
     if requested is None:
-        isas = [isa for isa in X86_ISAS if compiler_builds(isa)]
-        if skipped := [isa for isa in X86_ISAS if isa not in isas]:
+        isas = [isa for isa in known if compiler_builds(isa)]
+        if skipped := [isa for isa in known if isa not in isas]:
             print(f"setup.py: the C++ compiler cannot build {skipped}; left out", file=sys.stderr)
         return isas
     isas = [isa.strip() for isa in requested.replace(";", ",").split(",") if isa.strip()]
-    unknown = set(isas) - set(X86_ISAS)
+    unknown = set(isas) - set(known)
     if unknown:
-        sys.exit(f"setup.py: unknown FUSED_OPT_CPU_ISAS {sorted(unknown)}; known: {X86_ISAS}")
+        sys.exit(
+            f"setup.py: unknown FUSED_OPT_CPU_ISAS {sorted(unknown)}; known for "
+            f"{target_arch()}: {known}"
+        )
     if unbuildable := [isa for isa in isas if not compiler_builds(isa)]:
         sys.exit(f"setup.py: the C++ compiler cannot build FUSED_OPT_CPU_ISAS {unbuildable}")
     return isas
 
 
-# One intrinsic each variant needs that older compilers lack.
+# One intrinsic each variant needs that older compilers lack, and its header.
 ISA_PROBES = {
     "avx2": "_mm256_fmadd_ps(_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps())",
     "avx512": "_mm512_fpclass_ps_mask(_mm512_setzero_ps(), 0x20)",
     "avx512bf16": "_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps())",
+    "neon": "vfmaq_f32(vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0))",
+    "neonbf16": "vcvtq_low_bf16_f32(vdupq_n_f32(0))",
+    "sve128": "svcvt_bf16_f32_x(svptrue_b32(), svdup_n_f32(0))",
+    "sve256": "svcvt_bf16_f32_x(svptrue_b32(), svdup_n_f32(0))",
 }
+ISA_HEADERS = {"neon": "arm_neon.h", "neonbf16": "arm_neon.h", "sve128": "arm_sve.h",
+               "sve256": "arm_sve.h"}  # fmt: skip
 
 
 def compiler_builds(isa: str) -> bool:
     """Whether the C++ compiler accepts ``isa``'s flags and intrinsics."""
-    if sys.platform == "win32":
-        return True  # cpu_extension() builds no ISA variant there
-    source = f"#include <immintrin.h>\nvoid probe() {{ (void){ISA_PROBES[isa]}; }}\n"
+    header = ISA_HEADERS.get(isa, "immintrin.h")
+    source = f"#include <{header}>\nvoid probe() {{ (void){ISA_PROBES[isa]}; }}\n"
     cxx = os.environ.get("CXX", "c++")
     command = [cxx, "-x", "c++", "-c", "-", "-o", os.devnull, *CPU_ISA_FLAGS[isa]]
     try:
@@ -147,10 +189,16 @@ CPU_ISA_FLAGS = {
     ],
 }
 CPU_ISA_FLAGS["avx512bf16"] = CPU_ISA_FLAGS["avx512"] + ["-mavx512bf16"]
-# FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
+# aarch64: NEON (ASIMD) is in every v8-A core; +bf16 adds BFCVTN (Neoverse V1, N2 and later);
+# SVE at a fixed vector length, one variant per length (simd_sve.h says why).
+CPU_ISA_FLAGS["neon"] = ["-march=armv8-a"]
+CPU_ISA_FLAGS["neonbf16"] = ["-march=armv8.2-a+bf16"]
+for _bits in (128, 256):
+    CPU_ISA_FLAGS[f"sve{_bits}"] = ["-march=armv8.2-a+sve+bf16", f"-msve-vector-bits={_bits}"]
 # C++17, not torch's C++20, for the stable-ABI libraries: in C++20 libstdc++'s ostringstream::str()
 # (torch's STD_TORCH_CHECK uses it) is a GLIBCXX_3.4.29 symbol, which manylinux_2_28 nodes lack.
 STABLE_CXX_STD = "-std=c++17"
+# FMA only where the kernels ask for it (fmadd), so every variant does documented arithmetic.
 CPU_KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", STABLE_CXX_STD]
 
 
@@ -438,15 +486,26 @@ def main() -> None:
             torch_git_version=getattr(torch.version, "git_version", None),
             python_target=PYTHON_TARGET,
             # The accelerator (_C_direct) serves this torch release and this Python only.
-            direct_python=platform.python_version(),
+            direct_python=None if (cross := cross_compiling()) else platform.python_version(),
+            target_arch=target_arch(),
         )
-        ext_modules += [cpu_extension(ROOT, isas), direct_extension(ROOT)]
+        ext_modules.append(cpu_extension(ROOT, isas))
+        # A cross build (tools/aarch64.sh) has the stable-ABI libraries only: the accelerator
+        # and the CUDA glue are built against this machine's torch, of this machine's arch.
+        if cross and env_choice("FUSED_OPT_CUDA") == "1":
+            sys.exit(f"setup.py: FUSED_OPT_CUDA=1 but this is a cross build for {target_arch()}")
+        if cross:
+            print(
+                f"setup.py: cross build for {target_arch()}: no _C_direct, no CUDA", file=sys.stderr
+            )
+        else:
+            ext_modules.append(direct_extension(ROOT))
         # An earlier in-place build's per-Python libraries would shadow the abi3 ones (Python
         # tries the .cpython-3XY suffix first) and load a torch-specific binary under any torch.
         for pattern in ("_C.cpython-*", "_C_cuda.cpython-*"):
             for stale in (ROOT / "fused_opt").glob(pattern):
                 stale.unlink()
-        cuda = cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"))
+        cuda = None if cross else cuda_extension(ROOT, env_choice("FUSED_OPT_CUDA"))
         if cuda is not None:
             extension, cuda_version, archs = cuda
             ext_modules.append(extension)

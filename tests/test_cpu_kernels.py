@@ -876,6 +876,17 @@ def test_variant_report():
     _C.set_isa(None)
 
 
+@pytest.mark.skipif(
+    "FUSED_OPT_TEST_EXPECT_ISAS" not in os.environ,
+    reason="FUSED_OPT_TEST_EXPECT_ISAS (set by tools/aarch64.sh per emulated CPU) is not set",
+)
+def test_detection_finds_the_variants_this_cpu_has():
+    """Run time detection (HWCAP, the SVE vector length) against what the emulated CPU has."""
+    expected = os.environ["FUSED_OPT_TEST_EXPECT_ISAS"].split(",")
+    assert _C.isa_supported() == expected
+    assert _C.isa_active() == expected[-1]
+
+
 def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, FUSED_OPT_CPU_ISA=value)
     code = "import fused_opt, fused_opt._C as C; print(C.isa_active())"

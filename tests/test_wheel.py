@@ -177,8 +177,7 @@ def test_wheel_holds_the_package_its_binary_and_build_info_only(cpu_wheel):
     sources = (".cpp", ".h", ".cu", ".cuh", ".o")
     assert not [n for n in names if n.endswith(sources) or n.startswith("tests/")]
     assert info["torch_version"] == torch.__version__
-    x86 = platform.machine() in ("x86_64", "AMD64")
-    every_isa = ["avx2", "avx512", "avx512bf16"] if x86 else []
+    every_isa = list(_setup_module().known_isas())  # this machine's
     assert info["cpu_isas"] == ["baseline", *every_isa]
     assert info["compiler"] not in ("", "unknown")
     assert info["cuda_version"] is None and info["cuda_archs"] == []
@@ -466,6 +465,46 @@ def test_a_compiler_without_avx512bf16_builds_the_other_variants(tmp_path, monke
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and glibc")
+def test_setup_takes_the_variants_of_the_compilers_target(tmp_path, monkeypatch):
+    """A cross compiler's target, not this machine, decides the SIMD variants (and a cross build
+    has no accelerator and no CUDA): aarch64-linux-gnu-g++ on x86-64 builds the Arm ones."""
+    setup = _setup_module()
+    fake = tmp_path / "fake-c++"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = -dumpmachine ] && echo aarch64-linux-gnu && exit 0\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert setup.target_arch() == "aarch64"
+    assert setup.cross_compiling() == (platform.machine() not in ("aarch64", "arm64"))
+    if sys.platform.startswith("linux"):
+        assert setup.known_isas() == setup.AARCH64_ISAS
+        monkeypatch.setenv("FUSED_OPT_CPU_ISAS", "avx2")
+        with pytest.raises(
+            SystemExit, match=r"unknown FUSED_OPT_CPU_ISAS \['avx2'\]; known for aarch64"
+        ):
+            setup.cpu_isas()
+    cross = shutil.which("aarch64-linux-gnu-g++")
+    if cross is None:
+        pytest.skip("no aarch64-linux-gnu-g++ (tools/aarch64.sh env installs it)")
+    monkeypatch.setenv("CXX", cross)
+    monkeypatch.delenv("FUSED_OPT_CPU_ISAS")
+    assert setup.cpu_isas() == list(setup.AARCH64_ISAS)  # GCC 12 builds every one
+
+
+def test_check_wheel_refuses_code_of_another_arch(tmp_path):
+    """An x86-64 library in a wheel tagged aarch64 (or the other way round) cannot load."""
+    library = (ROOT / "fused_opt" / "_C.abi3.so").read_bytes() if (
+        ROOT / "fused_opt" / "_C.abi3.so").is_file() else None  # fmt: skip
+    if library is None:
+        pytest.skip("fused_opt._C is not built in place")
+    machine = check_wheel.Elf(library).machine
+    other = "aarch64" if machine != "aarch64" else "x86_64"
+    problems = check_wheel.elf_problems("_C.abi3.so", library, None, stable=True, arch=other)
+    assert problems == [f"_C.abi3.so is {machine} code in a wheel tagged {other}"]
+    assert check_wheel.elf_problems("_C.abi3.so", library, None, stable=True, arch=machine) == []
+
+
 def test_check_wheel_refuses_a_glibc_symbol_newer_than_the_tag(tmp_path):
     """A library linked as a modern toolchain links pow (pow@GLIBC_2.29 on glibc >= 2.29) breaks
     a manylinux_2_28 promise; the same library held to the floor by glibc_floor.cpp does not."""

@@ -43,6 +43,8 @@ TORCH_CXX_SYMBOL = re.compile(r"^_Z(?:T[VIS])?N[KVRLO]*(?:2at|3c10|5torch)")
 LEGACY_TAGS = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
 DIST_INFO_FILES = ("METADATA", "WHEEL", "RECORD", "top_level.txt", "LICENSE*", "licenses/*")
 MINIMUM_TORCH = "torch>=2.4"
+# ELF e_machine values, by the arch name platform tags use.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i686", 21: "ppc64le", 22: "s390x"}
 
 
 def expected_label(info: dict) -> str | None:
@@ -67,6 +69,8 @@ class Elf:
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", binary, 0x3A)
         headers = [struct.unpack_from("<IIQQQQIIQQ", binary, shoff + i * shentsize)
                    for i in range(shnum)]  # fmt: skip
+        (machine,) = struct.unpack_from("<H", binary, 0x12)
+        self.machine = ELF_MACHINES.get(machine, f"e_machine {machine}")
         names_at = headers[shstrndx][4]
         self.sections = {self._string(names_at, h[0]): h for h in headers}
         self.by_index = headers
@@ -123,15 +127,19 @@ class Elf:
         return names
 
 
-def elf_problems(name: str, binary: bytes, glibc_floor: int | None, stable: bool) -> list[str]:
-    """What keeps the library ``name`` from its wheel's promises: the glibc floor 2.<glibc_floor>
-    of a manylinux tag (None: no tag claims one) and, for the stable-ABI libraries, no torch C++
-    symbols and no libtorch_python."""
+def elf_problems(
+    name: str, binary: bytes, glibc_floor: int | None, stable: bool, arch: str | None = None
+) -> list[str]:
+    """What keeps the library ``name`` from its wheel's promises: the CPU ``arch`` of its tag,
+    the glibc floor 2.<glibc_floor> of a manylinux tag (None: no tag claims one) and, for the
+    stable-ABI libraries, no torch C++ symbols and no libtorch_python."""
     try:
         elf = Elf(binary)
     except (ValueError, struct.error, IndexError) as error:
         return [f"{name}: unreadable ELF ({error})"]
     problems = []
+    if arch is not None and elf.machine != arch:
+        problems.append(f"{name} is {elf.machine} code in a wheel tagged {arch}")
     if stable:
         if "libtorch_python.so" in elf.needed():
             problems.append(f"{name} links libtorch_python.so: not on the stable ABI")
@@ -306,11 +314,16 @@ def check_wheel(path: Path) -> list[str]:
         problems.append(f"local version label {label}, expected {expected_label(info)}")
     tag_problems, glibc_floor = platform_problems(tags)
     problems += tag_problems
+    archs = {re.sub(r"^(?:manylinux_\d+_\d+|manylinux\w*?|linux)_", "", t.rpartition("-")[2])
+             for t in tags}  # fmt: skip
+    arch = archs.pop() if len(archs) == 1 else None
+    if arch and info.get("target_arch", arch) != arch:
+        problems.append(f"built for {info['target_arch']}, tagged {arch}")
     with zipfile.ZipFile(path) as wheel:
         for name in names:
             if name.endswith(".so"):
                 stable = fnmatch.fnmatch(name, CPU_LIBRARY) or fnmatch.fnmatch(name, CUDA_LIBRARY)
-                problems += elf_problems(name, wheel.read(name), glibc_floor, stable)
+                problems += elf_problems(name, wheel.read(name), glibc_floor, stable, arch)
     if not any(fnmatch.fnmatch(n, CPU_LIBRARY) for n in names):
         problems.append("build info says compiled, but the wheel has no fused_opt/_C library")
     if info.get("cpu_isas", [None])[0] != "baseline":

@@ -6,7 +6,8 @@
 
 namespace fused_opt_cpu {
 
-// Compiled variants, lowest first ("baseline", then "avx2", "avx512", "avx512bf16" when built).
+// Compiled variants, lowest first: "baseline", then "avx2", "avx512", "avx512bf16" on x86-64 and
+// "neon", "sve128", "neonbf16", "sve256" on aarch64, those that were built.
 int compiled_isa_count();
 const char* compiled_isa_name(int index);
 bool isa_runs_here(int index);

@@ -1,9 +1,10 @@
 // The contract between the torch glue (ops.cpp) and the SIMD kernels (kernels_<isa>.cpp).
 //
-// Torch-free on purpose: the ISA translation units are compiled with -mavx2 / -mavx512f and must
-// not instantiate any inline or template code that other translation units also instantiate
-// (an ODR violation could let AVX-512 code leak into the baseline path). They see only this
-// header, <immintrin.h> and their own namespaced code: raw pointers, sizes and plain numbers.
+// Torch-free on purpose: the ISA translation units are compiled with -mavx2, -march=armv8.2-a+sve
+// and the like, and must not instantiate any inline or template code that other translation
+// units also instantiate (an ODR violation could let AVX-512 code leak into the baseline path).
+// They see only this header, their intrinsics header and their own namespaced code: raw
+// pointers, sizes and plain numbers.
 #pragma once
 
 #include <stdint.h>
@@ -111,6 +112,18 @@ extern const KernelTable kAvx512Kernels;
 #endif
 #if defined(FUSED_OPT_HAVE_AVX512BF16)
 extern const KernelTable kAvx512Bf16Kernels;
+#endif
+#if defined(FUSED_OPT_HAVE_NEON)
+extern const KernelTable kNeonKernels;
+#endif
+#if defined(FUSED_OPT_HAVE_NEONBF16)
+extern const KernelTable kNeonBf16Kernels;
+#endif
+#if defined(FUSED_OPT_HAVE_SVE128)
+extern const KernelTable kSve128Kernels;
+#endif
+#if defined(FUSED_OPT_HAVE_SVE256)
+extern const KernelTable kSve256Kernels;
 #endif
 
 }  // namespace fused_opt_cpu
