@@ -94,8 +94,8 @@ def known_isas() -> tuple[str, ...]:
 
 def cpu_isas() -> list[str]:
     """The SIMD variants to compile: FUSED_OPT_CPU_ISAS, else every one of the target's that the
-    compiler can build (GCC < 10 and Clang < 9 lack -mavx512bf16 and +bf16: such a build leaves
-    those variants out)."""
+    compiler can build (GCC < 10 and Clang < 9 lack -mavx512bf16, GCC < 10 and Clang < 11 +bf16:
+    such a build leaves those variants out)."""
     known = known_isas()
     requested = os.environ.get("FUSED_OPT_CPU_ISAS")
     if requested is None:

@@ -464,7 +464,6 @@ def test_a_compiler_without_avx512bf16_builds_the_other_variants(tmp_path, monke
         setup.cpu_isas()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and glibc")
 def test_setup_takes_the_variants_of_the_compilers_target(tmp_path, monkeypatch):
     """A cross compiler's target, not this machine, decides the SIMD variants (and a cross build
     has no accelerator and no CUDA): aarch64-linux-gnu-g++ on x86-64 builds the Arm ones."""
@@ -492,6 +491,7 @@ def test_setup_takes_the_variants_of_the_compilers_target(tmp_path, monkeypatch)
     assert setup.cpu_isas() == list(setup.AARCH64_ISAS)  # GCC 12 builds every one
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF")
 def test_check_wheel_refuses_code_of_another_arch(tmp_path):
     """An x86-64 library in a wheel tagged aarch64 (or the other way round) cannot load."""
     library = (ROOT / "fused_opt" / "_C.abi3.so").read_bytes() if (
@@ -505,6 +505,7 @@ def test_check_wheel_refuses_code_of_another_arch(tmp_path):
     assert check_wheel.elf_problems("_C.abi3.so", library, None, stable=True, arch=machine) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and glibc")
 def test_check_wheel_refuses_a_glibc_symbol_newer_than_the_tag(tmp_path):
     """A library linked as a modern toolchain links pow (pow@GLIBC_2.29 on glibc >= 2.29) breaks
     a manylinux_2_28 promise; the same library held to the floor by glibc_floor.cpp does not."""

@@ -317,6 +317,8 @@ def check_wheel(path: Path) -> list[str]:
     archs = {re.sub(r"^(?:manylinux_\d+_\d+|manylinux\w*?|linux)_", "", t.rpartition("-")[2])
              for t in tags}  # fmt: skip
     arch = archs.pop() if len(archs) == 1 else None
+    if len(archs) > 1:
+        problems.append(f"tags for more than one arch: {sorted(archs)}")
     if arch and info.get("target_arch", arch) != arch:
         problems.append(f"built for {info['target_arch']}, tagged {arch}")
     with zipfile.ZipFile(path) as wheel:
