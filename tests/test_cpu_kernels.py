@@ -553,8 +553,8 @@ def test_bf16_stores_round_every_pattern_like_torch(isa):
     pattern (NaN, Inf, subnormals, both signs) and g small against it, the sums cover every
     kind of lower half, exact ties of both parities among them. The stored bits must be torch's
     round-to-nearest-even, bit for bit, and NaN a NaN (its payload is not compared: torch's
-    vectorised conversion and avx512bf16's instruction keep it, the other variants store
-    0x7FC0 as torch's scalar conversion does)."""
+    vectorised conversion, avx2, avx512bf16 and the Arm variants keep it, the baseline and
+    avx512 store 0x7FC0 as torch's scalar conversion does)."""
     p = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
     for shift in (8, 9, 12, 16, 24):

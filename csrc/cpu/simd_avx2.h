@@ -84,23 +84,19 @@ struct Lanes<bf16> {
   // Round to nearest even on 16-bit lanes, both vectors at once: the upper halves `top` (the
   // truncated bf16 values, in memory order) and the lower halves `rest` of the 16 fp32 values.
   // A value rounds up when rest + 0x7FFF + (top & 1) carries, that is when rest >= 0x8001 -
-  // (top & 1). NaN becomes 0x7FC0 (as torch rounds), told from `top` alone: every NaN a kernel
-  // stores is quiet (arithmetic makes quiet NaNs, loads keep bf16's), so its top is above 0x7F80
-  // in magnitude, whatever its lower half. 12 operations for 16 values, where rounding each
-  // 32-bit lane and packing took 15 (docs/CPU_KERNELS.md).
+  // (top & 1). A NaN needs no case of its own: every NaN a kernel stores came from a bf16 load
+  // or is x86's default NaN (0xFFC00000; a NaN hyper-parameter, from a Python float, is
+  // 0x7FC00000), so its lower half is zero and it is stored as its own top half, quiet, payload
+  // kept (as BFCVT and vcvtne2ps2bf16 keep it). 9 operations for 16 values (docs/CPU_KERNELS.md).
   static void store(bf16* p, Vec x) {
     const __m256i even = _mm256_castps_si256(x.lo.v), odd = _mm256_castps_si256(x.hi.v);
     const __m256i top = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);
     const __m256i rest = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xAA);
-    const __m256i one = _mm256_set1_epi16(1);
     const __m256i threshold =
-        _mm256_sub_epi16(_mm256_set1_epi16(-32767), _mm256_and_si256(top, one));
+        _mm256_sub_epi16(_mm256_set1_epi16(-32767), _mm256_and_si256(top, _mm256_set1_epi16(1)));
     const __m256i carries = _mm256_cmpeq_epi16(_mm256_max_epu16(rest, threshold), rest);
     const __m256i rounded = _mm256_sub_epi16(top, carries);  // carries are -1
-    const __m256i magnitude = _mm256_and_si256(top, _mm256_set1_epi16(0x7FFF));
-    const __m256i is_nan = _mm256_cmpgt_epi16(magnitude, _mm256_set1_epi16(0x7F80));
-    const __m256i out = _mm256_blendv_epi8(rounded, _mm256_set1_epi16(0x7FC0), is_nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), rounded);
   }
 };
 
