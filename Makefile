@@ -63,7 +63,7 @@ wheel: install
 	PYTHON=$(PY) bash tools/build_wheel.sh
 
 # The aarch64 wheel (wheelhouse/), cross-built here and tested under qemu with PyPI's aarch64
-# torch: Debian with apt as root; about 26 minutes on 2 cores (tools/aarch64.sh).
+# torch: Debian with apt as root; about 30 minutes on 2 cores (tools/aarch64.sh).
 test-aarch64: install
 	PYTHON=$(PY) bash tools/aarch64.sh
 
