@@ -29,6 +29,7 @@ requires any torch>=2.4. Every build writes fused_opt/_build_info.json (shown by
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -67,11 +68,15 @@ def arch_name(machine: str) -> str:
 
 
 def target_arch() -> str:
-    """The CPU the C++ compiler builds for ("x86_64", "aarch64", ...): the target of its
+    """The CPU the C++ compiler (CXX) builds for ("x86_64", "aarch64", ...): the target of its
     -dumpmachine triple (a cross compiler's, not this machine's), else this machine's."""
+    return _target_of(os.environ.get("CXX", "c++"))
+
+
+@functools.cache
+def _target_of(cxx: str) -> str:  # one compiler run per compiler, however often asked
     try:
-        out = subprocess.run([os.environ.get("CXX", "c++"), "-dumpmachine"], capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+        out = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, timeout=60)
         arch = out.stdout.strip().split("-")[0] if out.returncode == 0 else ""
     except (OSError, subprocess.TimeoutExpired):
         arch = ""
@@ -487,17 +492,15 @@ def main() -> None:
             python_target=PYTHON_TARGET,
             # The accelerator (_C_direct) serves this torch release and this Python only.
             direct_python=None if (cross := cross_compiling()) else platform.python_version(),
-            target_arch=target_arch(),
+            target_arch=(arch := target_arch()),
         )
         ext_modules.append(cpu_extension(ROOT, isas))
         # A cross build (tools/aarch64.sh) has the stable-ABI libraries only: the accelerator
         # and the CUDA glue are built against this machine's torch, of this machine's arch.
         if cross and env_choice("FUSED_OPT_CUDA") == "1":
-            sys.exit(f"setup.py: FUSED_OPT_CUDA=1 but this is a cross build for {target_arch()}")
+            sys.exit(f"setup.py: FUSED_OPT_CUDA=1 but this is a cross build for {arch}")
         if cross:
-            print(
-                f"setup.py: cross build for {target_arch()}: no _C_direct, no CUDA", file=sys.stderr
-            )
+            print(f"setup.py: cross build for {arch}: no _C_direct, no CUDA", file=sys.stderr)
         else:
             ext_modules.append(direct_extension(ROOT))
         # An earlier in-place build's per-Python libraries would shadow the abi3 ones (Python

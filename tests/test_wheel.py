@@ -494,10 +494,10 @@ def test_setup_takes_the_variants_of_the_compilers_target(tmp_path, monkeypatch)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF")
 def test_check_wheel_refuses_code_of_another_arch(tmp_path):
     """An x86-64 library in a wheel tagged aarch64 (or the other way round) cannot load."""
-    library = (ROOT / "fused_opt" / "_C.abi3.so").read_bytes() if (
-        ROOT / "fused_opt" / "_C.abi3.so").is_file() else None  # fmt: skip
-    if library is None:
+    path = ROOT / "fused_opt" / "_C.abi3.so"
+    if not path.is_file():
         pytest.skip("fused_opt._C is not built in place")
+    library = path.read_bytes()
     machine = check_wheel.Elf(library).machine
     other = "aarch64" if machine != "aarch64" else "x86_64"
     problems = check_wheel.elf_problems("_C.abi3.so", library, None, stable=True, arch=other)

@@ -45,8 +45,7 @@ def setup_module():
     return module
 
 
-def build(variant: str, cxx: str, work: Path) -> Path:
-    setup = setup_module()
+def build(setup, variant: str, cxx: str, work: Path) -> Path:  # noqa: ANN001
     flags = setup.CPU_KERNEL_FLAGS + setup.CPU_ISA_FLAGS.get(variant, [])
     obj = work / f"kernels_{variant}.o"
     subprocess.run([cxx, *flags, "-c", str(REPO / f"csrc/cpu/kernels_{variant}.cpp"), "-o", obj],
@@ -98,7 +97,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for variant in variants:
-            exe = build(variant, cxx, work)
+            exe = build(setup, variant, cxx, work)
             counts = []
             for op, dtype in CASES:
                 # The kernel's instructions: those of a run with the call, less those of one
